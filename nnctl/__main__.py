@@ -1,0 +1,5 @@
+import sys
+
+from nnctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""`nnctl` entry point: dispatches to the Hydra apps. Imports nothing heavy, so `nnctl --help` is instant."""
+from __future__ import annotations
+
+import os
+import sys
+
+COMMANDS = {
+    "train": "train a model: nnctl train [group=option ...] [key=value ...] [-m for sweeps]",
+    "eval": "evaluate a checkpoint: nnctl eval ckpt=PATH [split=val] [key=value ...]",
+}
+
+USAGE = """usage: nnctl <command> [overrides ...]
+
+Config-driven deep-learning training (PyTorch + Hydra).
+
+commands:
+{commands}
+
+Every command is a Hydra app: `nnctl train --help` lists config groups and their options,
+`nnctl train --cfg job` prints the composed config, `nnctl train -m key=a,b` sweeps.
+Shell completion: eval "$(nnctl train --shell-completion install=bash)"
+"""
+
+
+def _usage() -> str:
+    return USAGE.format(commands="\n".join(f"  {name:<7}{text}" for name, text in COMMANDS.items()))
+
+
+def _completion_command() -> str | None:
+    """For Hydra's shell completion (`nnctl -sc query=bash`): find the command in COMP_LINE and strip it."""
+    words = os.environ.get("COMP_LINE", "").split()
+    if len(words) >= 2 and words[1] in COMMANDS:
+        line = os.environ["COMP_LINE"]
+        cut = line.index(words[1]) + len(words[1])
+        os.environ["COMP_LINE"] = line[: line.index(words[1])] + line[cut:].lstrip()
+        point = int(os.environ.get("COMP_POINT", len(line)))
+        os.environ["COMP_POINT"] = str(max(0, point - (len(line) - len(os.environ["COMP_LINE"]))))
+        return words[1]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("-sc", "--shell-completion") and any(a.startswith("query=") for a in args):
+        command = _completion_command()
+        if command is None:  # still typing the command name
+            print(" ".join(COMMANDS))
+            return 0
+        args = [command, *args]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        from nnctl import __version__
+
+        print(f"nnctl {__version__}")
+        return 0
+    if args[0] not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(args[0], COMMANDS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        print(f"nnctl: unknown command '{args[0]}'{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    from nnctl.commands import run
+
+    return run(args[0], args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Training objectives: what a batch means to a model (loss and metrics), kept out of the engine loop.
+
+An objective turns (model, batch) into a loss and per-batch statistics, and builds the evaluation metrics.
+The engine only calls `training_step`, `eval_metrics` and `eval_update`, so regression, language modelling or
+generative objectives plug in with their own class and `objective/<name>.yaml`, without touching the loop.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchmetrics
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Objective(Protocol):
+    def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward pass and loss. Returns (loss, {metric name: detached per-batch value}), all on device."""
+
+    def eval_metrics(self) -> torchmetrics.MetricCollection:
+        """Fresh metrics for one evaluation pass (names without the split prefix)."""
+
+    def eval_update(self, model: nn.Module, batch: Batch, metrics: torchmetrics.MetricCollection,
+                    tta: bool) -> None:
+        """Run the model on an evaluation batch and update `metrics`."""
+
+
+class Classification:
+    """Cross entropy with optional label smoothing; accuracy (and top-5 accuracy when there are > 5 classes)."""
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0) -> None:
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+
+    def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        logits = model(x)  # [B, num_classes]
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        acc = (logits.detach().argmax(dim=1) == y).float().mean()
+        return loss, {"acc": acc}
+
+    def predict(self, model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
+        logits = model(x)
+        if tta:  # flip test-time augmentation: average the logits of the image and its mirror
+            logits = 0.5 * (logits + model(x.flip(3)))
+        return logits
+
+    def eval_metrics(self) -> torchmetrics.MetricCollection:
+        from torchmetrics.classification import MulticlassAccuracy
+
+        metrics: dict[str, torchmetrics.Metric] = {
+            "loss": torchmetrics.MeanMetric(),
+            "acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
+        }
+        if self.num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
+        return torchmetrics.MetricCollection(metrics)
+
+    def eval_update(self, model: nn.Module, batch: Batch, metrics: torchmetrics.MetricCollection,
+                    tta: bool) -> None:
+        x, y = batch
+        logits = self.predict(model, x, tta).float()
+        # Unsmoothed cross entropy: evaluation loss stays comparable across label_smoothing settings.
+        metrics["loss"].update(F.cross_entropy(logits, y, reduction="sum") / len(y), weight=len(y))
+        for name, metric in metrics.items():
+            if name != "loss":
+                metric.update(logits, y)
