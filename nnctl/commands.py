@@ -20,6 +20,7 @@ EVAL_PATCHABLE = ("data", "trainer", "eval")
 
 log = logging.getLogger(__name__)
 JOBS: list[dict[str, Any]] = []  # one entry per job of this process (multirun summary)
+FAILED: list[BaseException] = []  # a single run's exception, raised again after Hydra has finished the job
 
 
 # -- task functions -----------------------------------------------------------------------------------------------
@@ -98,7 +99,9 @@ def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             return entry["result"]
         except Exception as exc:
             if hc.mode != RunMode.MULTIRUN:
-                raise
+                # Hydra would print its own banner for a failed job; we report it once run() regains control.
+                FAILED.append(exc)
+                return None
             message = user_message(exc) or f"{type(exc).__name__}: {exc}"
             entry.update(status="failed", error=message)
             Path(hc.runtime.output_dir, "error.txt").write_text(message + "\n\n" + traceback.format_exc())
@@ -136,9 +139,12 @@ def run(command: str, args: list[str]) -> int:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us; we decide how to print them
     JOBS.clear()
+    FAILED.clear()
     try:
         _run_hydra(args=parsed, args_parser=parser, task_function=_job(TASKS[command]),
                    config_path=str(CONFIG_DIR), config_name=command)
+        if FAILED:
+            raise FAILED[0]
     except KeyboardInterrupt:
         print("nnctl: interrupted", file=sys.stderr)
         return 130
