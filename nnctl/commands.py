@@ -93,11 +93,16 @@ def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         hc = HydraConfig.get()
         entry = {"num": hc.job.get("num"), "overrides": list(hc.overrides.task), "dir": hc.runtime.output_dir}
         JOBS.append(entry)
+        if hc.mode == RunMode.MULTIRUN:  # jobs share one terminal: per-epoch lines instead of live bars
+            if "progress" in cfg.get("trainer", {}):
+                cfg.trainer.progress = False
         try:
             entry["result"] = task(cfg)
             entry["status"] = "ok"
             return entry["result"]
         except Exception as exc:
+            if type(exc).__name__ == "Interrupted":  # a signal stops the whole sweep, not just this job
+                raise
             if hc.mode != RunMode.MULTIRUN:
                 # Hydra would print its own banner for a failed job; we report it once run() regains control.
                 FAILED.append(exc)
@@ -149,6 +154,9 @@ def run(command: str, args: list[str]) -> int:
         print("nnctl: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        if type(exc).__name__ == "Interrupted":  # graceful SIGINT/SIGTERM stop: last.pt saved
+            print(f"nnctl {command}: {exc}", file=sys.stderr)
+            return 128 + exc.signum
         message = user_message(exc)
         if message is None or full_error:
             raise

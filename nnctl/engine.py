@@ -6,11 +6,14 @@ schedule, and how numbers are shown belongs to `reporting`, so the loop stays th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -18,12 +21,23 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nnctl import checkpoint as ck
+from nnctl.ema import EMA
 from nnctl.errors import UserError
-from nnctl.reporting import TensorBoard, console, epoch_progress, print_metrics, print_model_summary, write_json
+from nnctl.reporting import TensorBoard, console, epoch_progress, print_metrics, write_json
 from nnctl.runtime import pick_device, seed_everything
 from nnctl.schedulers import current_lr
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving last.pt; carries what the user needs to resume."""
+
+    def __init__(self, signum: int, checkpoint: Path | None, run_dir: Path) -> None:
+        self.signum, self.checkpoint, self.run_dir = signum, checkpoint, run_dir
+        saved = f"saved {checkpoint}" if checkpoint else "checkpoints are off, nothing saved"
+        super().__init__(f"stopped by {signal.Signals(signum).name}; {saved}; continue with: "
+                         f"nnctl train resume={run_dir}")
 
 
 class Tracker:
@@ -37,7 +51,7 @@ class Tracker:
         """Record this check's value; True when it is the best so far."""
         if self.monitor not in metrics:
             raise UserError(f"metric {self.monitor!r} is not produced by this run; choose one of "
-                            f"{', '.join(sorted(metrics))}", key="monitor")
+                            f"{', '.join(sorted(metrics))}", key="trainer.*.monitor")
         score = self.sign * metrics[self.monitor]
         improved = math.isfinite(score) and score > self.best + self.min_delta
         self.best, self.bad_checks = (score, 0) if improved else (self.best, self.bad_checks + 1)
@@ -48,6 +62,23 @@ class Tracker:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.best, self.bad_checks = float(state["best"]), int(state["bad_checks"])
+
+
+class RunningSums:
+    """Per-epoch sums of batch statistics, kept as device tensors so the step loop never waits on the device."""
+
+    def __init__(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        self.sums: dict[str, torch.Tensor] = dict(state or {})
+
+    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], n: int) -> None:
+        for name, value in (("loss", loss.detach()), *stats.items()):
+            value = value.detach().float() * n
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.sums["_n"] = self.sums.get("_n", torch.zeros((), device=loss.device)) + n
+
+    def means(self, prefix: str) -> dict[str, float]:
+        n = max(1.0, float(self.sums.get("_n", 0)))
+        return {f"{prefix}/{k}": float(v) / n for k, v in self.sums.items() if not k.startswith("_")}
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict[str, Any]]:
@@ -69,14 +100,22 @@ class Engine:
         self.precision.check(self.device)
         self.data = instantiate(cfg.data).setup(self.device)
         net = instantiate(cfg.model)(in_shape=self.data.in_shape, num_classes=self.data.num_classes)
-        self.model: nn.Module = instantiate(cfg.adapter)(net).to(self.device)
+        self.net: nn.Module = instantiate(cfg.adapter)(net).to(self.device)  # the module whose weights we save
+        if t.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+            self.data.memory_format = torch.channels_last
+        self.model = torch.compile(self.net) if t.compile else self.net  # what runs forward passes
+        self.ema = EMA(self.net, t.ema.decay) if t.ema.enabled else None
         self.objective = instantiate(cfg.objective)(num_classes=self.data.num_classes)
         self.scaler = self.precision.grad_scaler(self.device)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode)
         self.stopper = Tracker(t.early_stopping.monitor, t.early_stopping.mode, t.early_stopping.min_delta)
         self.history: dict[str, dict[str, float]] = {}
+        self.sums = RunningSums()
         self.optimizer: torch.optim.Optimizer | None = None
+        self._signal: int | None = None
+        self._bad_steps, self._last_finite = 0, float("nan")
 
     # -- sizes --------------------------------------------------------------------------------------------------
     def batches_per_epoch(self, split: str) -> int:
@@ -99,26 +138,32 @@ class Engine:
                             f"trainer.grad_accum_steps={t.grad_accum_steps}; lower data.batch_size or the "
                             "accumulation", key="trainer.grad_accum_steps")
         build = instantiate(self.cfg.optimizer)  # a partial: parameters come from the model
-        groups = param_groups(self.model, build.keywords.get("weight_decay", 0.0), t.decay_norm_bias)
-        self.optimizer = build(params=groups)
-        self.schedule = instantiate(self.cfg.scheduler)(
-            optimizer=self.optimizer, total_steps=self.total_steps(),
-            steps_per_epoch=self.batches_per_epoch("train") // t.grad_accum_steps)
+        groups = param_groups(self.net, build.keywords.get("weight_decay", 0.0), t.decay_norm_bias)
+        import inspect
+
+        if self.device.type == "cuda" and "fused" in inspect.signature(build.func).parameters:
+            build.keywords.setdefault("fused", True)  # one kernel for the whole update instead of one per tensor
+        with _user_errors("optimizer"):  # torch validates its arguments here (betas, eps, ...)
+            self.optimizer = build(params=groups)
+        with _user_errors("scheduler"):
+            self.schedule = instantiate(self.cfg.scheduler)(
+                optimizer=self.optimizer, total_steps=self.total_steps(),
+                steps_per_epoch=self.batches_per_epoch("train") // t.grad_accum_steps)
 
     # -- the training loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        t, cfg = self.cfg.trainer, self.cfg
+        t = self.cfg.trainer
         if self.optimizer is None:
             self.configure_optimization()
         tb = TensorBoard(self.run_dir / "tensorboard")
-        tb.config(cfg)
+        tb.config(self.cfg)
         n_batches, accum, max_steps = self.batches_per_epoch("train"), t.grad_accum_steps, self.total_steps()
         started, done = time.perf_counter(), self.step >= max_steps
-        try:
+        with self._stop_on_signals(), contextlib.closing(tb):
             while self.epoch < t.max_epochs and not done:
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
-                sums, window = self._new_sums(), _Window(self.step)
+                window = _Window(self.step)
                 with epoch_progress(t.progress and console.is_terminal) as bar:
                     task = bar.add_task(f"epoch {self.epoch + 1}/{t.max_epochs}", total=n_batches,
                                         completed=self.batch_in_epoch, stats="")
@@ -129,130 +174,184 @@ class Engine:
                             loss, stats = self.objective.training_step(self.model, batch)
                         # scaled backward; gradients add up over grad_accum_steps micro-batches
                         self.scaler.scale(loss / accum).backward()
-                        self._accumulate(sums, loss, stats, len(batch[0]))  # on device: no host sync
+                        self.sums.add(loss, stats, len(batch[1]))  # on device: no host sync
                         if (i + 1) % accum:
                             continue
-                        # clip, step (the scaler skips it on fp16 overflow), zero grads, per-step schedule
-                        grad_norm = self._optimizer_step()
+                        # clip, step (skipped on a non-finite loss or fp16 overflow), zero grads, schedule, EMA
+                        grad_norm = self._optimizer_step(loss)
                         self.schedule.after_step()
                         self.step, self.batch_in_epoch = self.step + 1, i + 1
+                        if self.ema is not None and self.step % t.ema.every_n_steps == 0:
+                            self.ema.update(self.net)
                         # periodic logging: the only place the loop waits for the device
                         if self.step % t.log_every_n_steps == 0 or self.batch_in_epoch == n_batches:
-                            self._log_step(tb, bar, task, sums, window, grad_norm)
+                            self._log_step(tb, bar, task, window, grad_norm)
+                        # a pending SIGINT/SIGTERM ends the run here, between two steps, with last.pt saved
+                        if self._signal is not None:
+                            self._interrupt()
                         if self.step >= max_steps:
                             done = True
                             break
                 # validation, epoch-level schedule, checkpoints, early stopping
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                metrics = {**self._epoch_means(sums, "train"), **self.evaluate("val")}
+                metrics = {**self.sums.means("train"), **self.evaluate("val")}
+                self.sums = RunningSums()
                 self.schedule.after_epoch(metrics)
                 tb.scalars(metrics, self.step)
                 self._checkpoint(metrics)
                 log.info("epoch %d: %s", self.epoch, _brief(metrics))
                 console.print(f"epoch {self.epoch}: {_brief(metrics)}")
-                if t.early_stopping.enabled and self.stopper.update(metrics) is False \
+                if t.early_stopping.enabled and not self.stopper.update(metrics) \
                         and self.stopper.bad_checks > t.early_stopping.patience:
                     console.print(f"early stopping: {t.early_stopping.monitor} has not improved for "
                                   f"{self.stopper.bad_checks} epochs")
                     break
+                if self._signal is not None:
+                    self._interrupt()
             return self._finish(tb, time.perf_counter() - started)
-        finally:
-            tb.close()
 
-    def _optimizer_step(self) -> torch.Tensor | None:
+    def _optimizer_step(self, loss: torch.Tensor) -> torch.Tensor | None:
         t = self.cfg.trainer
+        if self._skip_nonfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         grad_norm = None
         if t.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip_norm)
+            grad_norm = nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _new_sums(self) -> dict[str, torch.Tensor]:
-        return {}
+    def _skip_nonfinite(self, loss: torch.Tensor) -> bool:
+        """True when this step's loss is NaN/inf (its update is skipped); stops after max_bad_steps in a row.
 
-    def _accumulate(self, sums: dict[str, torch.Tensor], loss: torch.Tensor, stats: dict[str, torch.Tensor],
-                    n: int) -> None:
-        for name, value in (("loss", loss.detach()), *stats.items()):
-            value = value.float() * n
-            sums[name] = sums[name] + value if name in sums else value
-        sums["_n"] = sums.get("_n", 0) + n
-        sums["_bad"] = sums.get("_bad", 0) + (~torch.isfinite(loss.detach())).int()
+        Checking needs the loss on the host. On CPU that costs nothing; on CUDA it would stall the pipeline every
+        step, so there the check runs at the logging cadence and fp16's grad scaler guards the steps in between.
+        """
+        if self.device.type == "cuda" and (self.step + 1) % self.cfg.trainer.log_every_n_steps:
+            return False
+        value = float(loss.detach())
+        if math.isfinite(value):
+            self._bad_steps, self._last_finite = 0, value
+            return False
+        self._bad_steps += 1
+        if self._bad_steps >= self.cfg.trainer.max_bad_steps:
+            raise UserError(f"loss was {value} for {self._bad_steps} consecutive steps (up to step {self.step + 1}, "
+                            f"last finite loss {self._last_finite:.4g}); the learning rate is likely too high: lower "
+                            "optimizer.lr, set trainer.grad_clip_norm=1.0, or use precision=fp32. The last good "
+                            "checkpoint was kept", key="trainer.max_bad_steps")
+        log.warning("step %d: non-finite loss %s, update skipped", self.step + 1, value)
+        return True
 
-    def _epoch_means(self, sums: dict[str, Any], prefix: str) -> dict[str, float]:
-        n = max(1, sums.get("_n", 0))
-        return {f"{prefix}/{k}": float(v) / n for k, v in sums.items() if not k.startswith("_")}
-
-    def _log_step(self, tb: TensorBoard, bar: Any, task: Any, sums: dict[str, Any], window: "_Window",
+    def _log_step(self, tb: TensorBoard, bar: Any, task: Any, window: "_Window",
                   grad_norm: torch.Tensor | None) -> None:
         if grad_norm is None:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         samples_per_s = window.rate(self.step, self.cfg.data.batch_size * self.cfg.trainer.grad_accum_steps)
-        running = self._epoch_means(sums, "train")
-        if int(sums["_bad"]) >= self.cfg.trainer.max_bad_steps:
-            raise UserError(f"loss was not finite in {int(sums['_bad'])} step(s) by step {self.step}; lower "
-                            "optimizer.lr, set trainer.grad_clip_norm, or use precision=fp32 "
-                            "(last.pt from the last good epoch is kept)", key="trainer.max_bad_steps")
-        scalars = {"train/step_loss": running["train/loss"], "lr": current_lr(self.optimizer),
+        running = self.sums.means("train")
+        scalars = {"train/loss_running": running["train/loss"], "lr": current_lr(self.optimizer),
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": samples_per_s}
         tb.scalars(scalars, self.step)
         bar.update(task, completed=self.batch_in_epoch,
                    stats=f"loss {running['train/loss']:.4f}  lr {scalars['lr']:.2e}  {samples_per_s:,.0f} samples/s")
         self.history["throughput"] = {"train/samples_per_s": samples_per_s}
 
+    # -- interrupts ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag; the loop stops between steps. A second signal stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            self._signal = signum
+            console.print(f"\n{signal.Signals(signum).name} received: finishing this step and saving last.pt "
+                          "(send again to stop at once)")
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _interrupt(self) -> None:
+        path = None
+        if self.cfg.trainer.checkpoint.enabled:
+            path = self.run_dir / "checkpoints" / ck.LAST
+            ck.save_checkpoint(self.state_dict(self.history.get("last", {})), path)
+        raise Interrupted(self._signal, path, self.run_dir)
+
     # -- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
-        """Metrics of the current weights on `split` ('val' or 'test'), keys prefixed by the split."""
-        was_training = self.model.training
-        self.model.eval()
+        """Metrics on `split` ('val' or 'test') with the evaluation weights (the EMA when on), keys prefixed."""
+        model = self.ema.module if self.ema is not None else self.model
+        was_training = model.training
+        model.eval()
         metrics = self.objective.eval_metrics().to(self.device)
         limit = self.batches_per_epoch("val") if split == "val" else None
         for batch in self.data.eval_batches(split, limit):
             with self.precision.autocast(self.device):
-                self.objective.eval_update(self.model, batch, metrics, bool(self.cfg.eval.tta))
-        self.model.train(was_training)
+                self.objective.eval_update(model, batch, metrics, bool(self.cfg.eval.tta))
+        model.train(was_training)
         return {f"{split}/{k}": float(v) for k, v in metrics.compute().items()}
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """Everything needed to continue exactly. MODEL holds the evaluation weights (EMA when on)."""
+        evaluated = self.ema.module if self.ema is not None else self.net
         return {
             ck.CONFIG: OmegaConf.to_yaml(self.cfg, resolve=True),
-            ck.MODEL: self.model.state_dict(),
+            ck.MODEL: evaluated.state_dict(),
             ck.OPTIMIZER: self.optimizer.state_dict() if self.optimizer else {},
             ck.SCHEDULER: self.schedule.state_dict() if self.optimizer else {},
             ck.SCALER: self.scaler.state_dict(),
             ck.EPOCH: self.epoch, ck.STEP: self.step, ck.BATCH_IN_EPOCH: self.batch_in_epoch,
-            ck.TRACKERS: {"best": self.best.state_dict(), "early_stopping": self.stopper.state_dict()},
+            ck.TRACKERS: {"best": self.best.state_dict(), "early_stopping": self.stopper.state_dict(),
+                          "history": self.history, "epoch_sums": self.sums.sums},
             ck.METRICS: metrics,
             ck.RNG: ck.rng_state(),
+            ck.EXTRA: {"train_model": self.net.state_dict(), "ema_updates": self.ema.updates}
+            if self.ema is not None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any], full: bool) -> None:
-        """Load weights (and with `full`, everything needed to continue training exactly)."""
-        try:
-            self.model.load_state_dict(state[ck.MODEL])
-        except RuntimeError as exc:
-            raise UserError("the checkpoint's weights do not fit the configured model "
-                            f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}); "
-                            "use the model config stored with the checkpoint", key="model") from None
+        """Load the evaluation weights; with `full`, everything needed to continue training exactly."""
+        target = self.ema.module if self.ema is not None else self.net
+        _load_weights(target, state[ck.MODEL])
         if not full:
             return
+        extra = state[ck.EXTRA]
+        if self.ema is not None:
+            if "train_model" not in extra:
+                raise UserError("the checkpoint was trained without EMA; resume with trainer/ema=off",
+                                key="trainer.ema")
+            _load_weights(self.net, extra["train_model"])
+            self.ema.updates = int(extra["ema_updates"])
         self.configure_optimization()
         self.optimizer.load_state_dict(state[ck.OPTIMIZER])
         self.schedule.load_state_dict(state[ck.SCHEDULER])
         self.scaler.load_state_dict(state[ck.SCALER])
         self.epoch, self.step, self.batch_in_epoch = state[ck.EPOCH], state[ck.STEP], state[ck.BATCH_IN_EPOCH]
-        self.best.load_state_dict(state[ck.TRACKERS]["best"])
-        self.stopper.load_state_dict(state[ck.TRACKERS]["early_stopping"])
+        trackers = state[ck.TRACKERS]
+        self.best.load_state_dict(trackers["best"])
+        self.stopper.load_state_dict(trackers["early_stopping"])
+        self.history = trackers["history"]
+        self.sums = RunningSums(trackers["epoch_sums"])
         ck.set_rng_state(state[ck.RNG])
 
     def _checkpoint(self, metrics: dict[str, float]) -> None:
         c = self.cfg.trainer.checkpoint
-        self.history.update(last={k: v for k, v in metrics.items()})
+        self.history["last"] = dict(metrics)
         due = self.epoch % c.every_n_epochs == 0 or self.epoch == self.cfg.trainer.max_epochs
         improved = self.best.update(metrics) if due else False
         if improved:
@@ -294,6 +393,24 @@ class Engine:
         print_metrics(f"nnctl train: {self.epoch} epoch(s), {self.step} steps, {seconds:.1f}s", rows)
         console.print(f"run dir: {self.run_dir}")
         return result
+
+
+@contextlib.contextmanager
+def _user_errors(group: str) -> Iterator[None]:
+    """A constructor rejecting its configured arguments is the user's to fix: name the group."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{exc}; check the {group} settings (nnctl train --cfg job shows them)", key=group) from exc
+
+
+def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise UserError(f"the checkpoint's weights do not fit the configured model ({detail[:200]}); evaluate "
+                        "with the model config stored in the checkpoint", key="model") from None
 
 
 def _split(metrics: dict[str, float], split: str) -> dict[str, float]:

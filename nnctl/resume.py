@@ -5,13 +5,16 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nnctl import checkpoint as ck
 from nnctl.errors import UserError
 
 log = logging.getLogger(__name__)
 IDENTITY_GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter")
+# Keys a resumed run may change: how long and how it trains/logs, where files are, how data is read.
+RESUME_MAY_CHANGE = ("trainer.", "eval.", "paths.", "data.root", "data.num_workers", "data.eval_batch_size",
+                     "data.download")
 
 
 def _identity(cfg: DictConfig) -> dict[str, Any] | None:
@@ -19,6 +22,15 @@ def _identity(cfg: DictConfig) -> dict[str, Any] | None:
         return {g: OmegaConf.to_container(cfg[g], resolve=True) for g in IDENTITY_GROUPS if g in cfg}
     except Exception:  # an old run whose config no longer resolves cannot be the same config
         return None
+
+
+def _first_difference(old: Any, new: Any, prefix: str) -> str:
+    """'model.hidden_sizes: [16] -> [256, 128]' for the first key where two plain configs differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            if old.get(k, "<absent>") != new.get(k, "<absent>"):
+                return _first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}.{k}")
+    return f"{prefix}: {old!r} -> {new!r}"
 
 
 def find_auto(cfg: DictConfig) -> Path:
@@ -36,23 +48,41 @@ def find_auto(cfg: DictConfig) -> Path:
 
 def resume_config(cfg: DictConfig, overrides: Sequence[str], config_dir: Path) -> tuple[DictConfig, dict, Path]:
     """Stored config + the command line's key=value overrides; group changes (model=...) are refused."""
-    path = find_auto(cfg) if cfg.resume == "auto" else ck.resolve_checkpoint(cfg.resume, prefer=ck.LAST)
-    state = ck.load_checkpoint(path)
+    path = find_auto(cfg) if cfg.resume == "auto" else ck.resolve_checkpoint(cfg.resume, prefer=ck.LAST,
+                                                                             key="resume")
+    if path.parent.name != "checkpoints":  # the run dir is derived from the path; never write next to a loose file
+        raise UserError(f"{path} is not inside a run's checkpoints/ dir, so there is no run to continue; pass the "
+                        "run dir (outputs/train/<date>/<time>), or start a new run without resume=", key="resume")
+    state = ck.load_checkpoint(path, key="resume")
+    missing = [k for k in (ck.OPTIMIZER, ck.SCHEDULER, ck.SCALER, ck.BATCH_IN_EPOCH, ck.TRACKERS, ck.RNG)
+               if k not in state]
+    if missing:
+        raise UserError(f"{path} lacks the training state needed to resume ({', '.join(missing)}); evaluate it "
+                        "with nnctl eval or start a new run", key="resume")
     stored = OmegaConf.create(state[ck.CONFIG])
+    if isinstance(overrides, ListConfig):  # iterating a ListConfig would resolve ${...} inside override strings
+        overrides = OmegaConf.to_container(overrides, resolve=False)
     for item in overrides:
         key = item.lstrip("+~").split("=", 1)[0]
         if key == "resume" or key.startswith("hydra."):
             continue
         root = key.split(".", 1)[0]
         if "." not in key or root in ("experiment", "debug"):  # a group choice: must not change what trains
-            if root in IDENTITY_GROUPS and _identity(cfg)[root] != _identity(stored).get(root):
-                raise UserError(f"the checkpoint was trained with a different {root} config; drop '{item}' "
-                                "or start a new run without resume=", key="resume")
+            # experiment=/debug= can set any group; a group option must select what the checkpoint trained
+            groups = IDENTITY_GROUPS if root in ("experiment", "debug") else (root,) if root in IDENTITY_GROUPS else ()
+            for group in groups:
+                now, then = (_identity(cfg) or {}).get(group), (_identity(stored) or {}).get(group)
+                if now != then:
+                    raise UserError(f"'{item}' gives a different {group} than the checkpoint was trained with "
+                                    f"({_first_difference(then, now, group)}); resume continues the stored config: "
+                                    f"drop '{item}', or start a new run without resume=", key="resume")
             continue
         old, new = OmegaConf.select(stored, key), OmegaConf.select(cfg, key)
-        if root in IDENTITY_GROUPS and root not in ("optimizer", "scheduler", "data") and old != new:
-            raise UserError(f"{key} differs from the checkpoint's ({old!r} -> {new!r}); resume cannot change "
-                            "the model", key="resume")
+        if old != new and not key.startswith(RESUME_MAY_CHANGE):
+            # The restored optimizer/scheduler/data-order state would silently override such a change.
+            raise UserError(f"{key} differs from the checkpoint's ({old!r} -> {new!r}) and cannot change on "
+                            "resume; resume may change trainer.*, eval.*, paths.* and data.root/num_workers/"
+                            "eval_batch_size. Start a new run instead", key="resume")
         if old != new:
             log.warning("resuming with %s changed: %r -> %r", key, old, new)
         OmegaConf.update(stored, key, new, force_add=True)

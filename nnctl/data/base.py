@@ -1,0 +1,198 @@
+"""The data contract the engine relies on, and the fast in-memory batch path.
+
+A dataset subclass only turns its files into uint8 arrays (`load`). This base class splits them, holds them as
+one uint8 tensor on the training device (or streams them through a DataLoader when they do not fit), and yields
+augmented, normalized batches. Batch order and augmentation draws depend only on (seed, epoch, batch index), so
+a run resumed in the middle of an epoch sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from nnctl.data.augment import Normalize, random_crop, random_hflip
+
+log = logging.getLogger(__name__)
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Arrays:
+    """A dataset as loaded from disk: uint8 images [N, C, H, W] (or a lazy Dataset) and int64 labels [N]."""
+
+    train_x: torch.Tensor | Dataset
+    train_y: torch.Tensor
+    test_x: torch.Tensor | Dataset
+    test_y: torch.Tensor
+    classes: Sequence[str]
+    val_x: torch.Tensor | Dataset | None = None  # an explicit validation split; else split off the training set
+    val_y: torch.Tensor | None = None
+
+
+class _Subset(Dataset):
+    def __init__(self, base: torch.Tensor | Dataset, index: torch.Tensor) -> None:
+        self.base, self.index = base, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.base[int(self.index[i])]
+
+
+def _take(x: torch.Tensor | Dataset, index: torch.Tensor) -> torch.Tensor | Dataset:
+    return x[index] if isinstance(x, torch.Tensor) else _Subset(x, index)
+
+
+def _mix(*parts: int) -> int:
+    """A stable 63-bit seed from integers (seed, epoch, batch) for per-batch generators."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p + 0x9E3779B97F4A7C15)) * 1099511628211) % (1 << 63)
+    return h
+
+
+class ImageData:
+    """Base for image-classification datasets. Keys mirror the `data` config group."""
+
+    name = "images"
+
+    def __init__(self, root: str, download: bool, batch_size: int, eval_batch_size: int, val_fraction: float,
+                 split_seed: int, augment: dict, num_workers: int, limit: int | None, overfit_batches: int,
+                 in_memory: bool | str = True, max_memory_mb: int = 2048) -> None:
+        self.root, self.download = root, download
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.crop_padding, self.hflip = int(augment["crop_padding"]), bool(augment["hflip"])
+        self.num_workers, self.limit, self.overfit_batches = num_workers, limit, overfit_batches
+        self.in_memory, self.max_memory_mb = in_memory, max_memory_mb
+        self.device = torch.device("cpu")
+        self.memory_format = torch.contiguous_format  # the engine sets channels_last for NHWC conv nets
+        self.splits: dict[str, tuple[torch.Tensor | Dataset, torch.Tensor]] = {}
+
+    # -- implemented by each dataset ------------------------------------------------------------------------------
+    def load(self) -> Arrays:
+        raise NotImplementedError
+
+    # -- the contract used by the engine --------------------------------------------------------------------------
+    def setup(self, device: torch.device) -> "ImageData":
+        """Load, split, compute normalization statistics and move to `device`. Idempotent."""
+        if self.splits:
+            return self
+        arrays = self.load()
+        train_x, train_y = arrays.train_x, arrays.train_y
+        if arrays.val_x is None:
+            # Fixed by split_seed, so changing trainer.seed never moves images between train and val.
+            perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
+            n_val = max(1, int(round(len(train_y) * self.val_fraction)))
+            val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+            val = (_take(train_x, val_idx), train_y[val_idx])
+            train_x, train_y = _take(train_x, train_idx), train_y[train_idx]
+        else:
+            val = (arrays.val_x, arrays.val_y)
+        if self.limit:
+            keep = torch.arange(min(self.limit, len(train_y)))
+            train_x, train_y = _take(train_x, keep), train_y[keep]
+        if self.overfit_batches:
+            keep = torch.arange(min(self.overfit_batches * self.batch_size, len(train_y)))
+            train_x, train_y = _take(train_x, keep), train_y[keep]
+            val = (train_x, train_y)
+        self.splits = {"train": (train_x, train_y), "val": val, "test": (arrays.test_x, arrays.test_y)}
+        self.classes = list(arrays.classes)
+        sample = train_x[0]
+        self.in_shape = tuple(int(s) for s in sample.shape)  # (C, H, W)
+        self.normalize = self._statistics(train_x)
+        self.resident = isinstance(train_x, torch.Tensor) and self._fits()
+        self.device = device
+        if self.resident:
+            self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
+        self.normalize.to(device)
+        log.info("data %s: train %d, val %d, test %d images of shape %s, %d classes, %s", self.name,
+                 len(train_y), len(val[1]), len(arrays.test_y), self.in_shape, self.num_classes,
+                 "resident on " + str(device) if self.resident else "streamed by a DataLoader")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def num_batches(self, split: str) -> int:
+        n = len(self.splits[split][1])
+        return n // self.batch_size if split == "train" else math.ceil(n / self.eval_batch_size)
+
+    def train_batches(self, epoch: int, seed: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
+        """Augmented, normalized training batches [start, stop) of `epoch` (drop_last, shuffled)."""
+        x, y = self.splits["train"]
+        n_batches = self.num_batches("train")
+        stop = n_batches if stop is None else min(stop, n_batches)
+        if self.overfit_batches:
+            order = torch.arange(len(y))
+        else:
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+        order = order[: n_batches * self.batch_size].view(n_batches, self.batch_size)[start:stop]
+        gen = torch.Generator(device=self.device)
+        augment = not self.overfit_batches
+        for i, (xb, yb) in enumerate(self._batches(x, y, order), start=start):
+            if augment:
+                gen.manual_seed(_mix(seed, epoch, i))
+                xb = self._augment(xb, gen)
+            yield self.normalize(xb).contiguous(memory_format=self.memory_format), yb
+
+    def eval_batches(self, split: str, stop: int | None = None) -> Iterator[Batch]:
+        """Normalized, unaugmented batches of `split` ('val' or 'test') in order."""
+        x, y = self.splits[split]
+        order = torch.arange(len(y)).split(self.eval_batch_size)[:stop]
+        for xb, yb in self._batches(x, y, order):
+            yield self.normalize(xb).contiguous(memory_format=self.memory_format), yb
+
+    # -- internals ------------------------------------------------------------------------------------------------
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        x = random_crop(x, self.crop_padding, gen)
+        return random_hflip(x, gen) if self.hflip else x
+
+    def _batches(self, x, y, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        if self.resident:
+            for idx in order:  # index slices of the resident uint8 tensor: no copies through Python
+                idx = idx.to(self.device, non_blocking=True)
+                yield x[idx], y[idx]
+            return
+        # DataLoader path: workers decode images in parallel; the batch blocks are exactly `order`, so batch
+        # order and contents match the resident path.
+        blocks = [idx.tolist() for idx in order]
+        loader = DataLoader(x, batch_sampler=blocks, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        for xb, idx in zip(loader, order):
+            yield xb.to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
+
+    def _fits(self) -> bool:
+        if self.in_memory == "auto":
+            n = sum(len(y) for _, y in self.splits.values())
+            return n * math.prod(self.in_shape) <= self.max_memory_mb * 2**20
+        return bool(self.in_memory)
+
+    def _statistics(self, x: torch.Tensor | Dataset) -> Normalize:
+        """Per-channel mean/std of the training images (on at most 10k of them), in [0, 1] units."""
+        if isinstance(x, torch.Tensor):
+            sample = x[: 10_000].float() / 255
+        else:
+            sample = torch.stack([x[i] for i in range(min(len(x), 2_000))]).float() / 255
+        mean = sample.mean(dim=(0, 2, 3))
+        std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        return Normalize(mean, std)
+
+
+def to_tensor_images(images: np.ndarray, channels_last: bool = False) -> torch.Tensor:
+    """uint8 array [N, H, W] or [N, H, W, C] (channels_last) -> contiguous uint8 tensor [N, C, H, W]."""
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # e.g. a view of PIL's or a file's buffer; torch wants writable memory
+        images = images.copy()
+    t = torch.from_numpy(images)
+    if t.ndim == 3:
+        return t.unsqueeze(1).contiguous()  # [N, H, W] -> [N, 1, H, W]
+    return t.permute(0, 3, 1, 2).contiguous() if channels_last else t.contiguous()

@@ -1,0 +1,142 @@
+"""Crash safety and exact resumption: kill -9, SIGTERM, non-finite losses, resume=auto, atomic checkpoints."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnctl import checkpoint as ck
+from nnctl.cli import main
+
+# Deterministic and CPU-cheap, but long enough per epoch (40 steps) that a signal lands mid-epoch.
+TINY = ["data=digits", "data.batch_size=32", "model=cnn", "model.channels=[8,16]", "scheduler=step",
+        "trainer.deterministic=true", "trainer.progress=false", "trainer.max_epochs=3",
+        "trainer.early_stopping.enabled=false", "trainer.log_every_n_steps=5"]
+
+
+def _weights(run: Path, name: str = ck.LAST) -> dict[str, torch.Tensor]:
+    return ck.load_checkpoint(run / "checkpoints" / name)[ck.MODEL]
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def _metrics(run: Path) -> dict:
+    import json
+
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted reference run."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["train", *TINY, f"hydra.run.dir={run}"]) == 0
+    return run
+
+
+def _spawn(run: Path, extra: list[str] = ()) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nnctl", "train", *TINY, f"hydra.run.dir={run}", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path} appeared: {proc.stderr.read()}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
+
+
+def test_kill9_mid_epoch_then_resume_is_bitwise_identical(straight: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _spawn(run)
+    _wait_for(run / "checkpoints" / ck.LAST, proc)  # epoch 1 is saved; epoch 2 is under way
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert ck.load_checkpoint(run / "checkpoints" / ck.LAST)[ck.EPOCH] == 1
+    assert main(["train", f"resume={run}"]) == 0
+    _assert_bitwise_equal(_weights(run), _weights(straight))
+    assert _metrics(run)["test"] == _metrics(straight)["test"]
+    assert _metrics(run)["val"] == _metrics(straight)["val"]
+
+
+def test_sigterm_saves_mid_epoch_and_resume_is_bitwise_identical(straight: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _spawn(run)
+    _wait_for(run / "checkpoints" / ck.LAST, proc)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"nnctl train resume={run}" in err
+    state = ck.load_checkpoint(run / "checkpoints" / ck.LAST)
+    assert (state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]) != (3, 0), "the run finished before the signal"
+    assert main(["train", f"resume={run}"]) == 0
+    _assert_bitwise_equal(_weights(run), _weights(straight))
+    assert _metrics(run)["train"] == _metrics(straight)["train"]  # epoch sums survive a mid-epoch stop
+    assert _metrics(run)["test"] == _metrics(straight)["test"]
+
+
+def test_resume_extends_a_finished_run_and_auto_finds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    short = [a for a in TINY if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=2"]
+    assert main(["train", *short]) == 0
+    (run,) = (tmp_path / "outputs" / "train").glob("*/*")
+    assert ck.load_checkpoint(run / "checkpoints" / ck.LAST)[ck.EPOCH] == 2
+    # resume=auto matches on the model/data/optimization config, then a longer run continues the same dir
+    assert main(["train", *short, "resume=auto", "trainer.max_epochs=3"]) == 0
+    assert ck.load_checkpoint(run / "checkpoints" / ck.LAST)[ck.EPOCH] == 3
+    assert _metrics(run)["epochs"] == 3
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    # Epoch 1 trains normally; the per-epoch x1e8 learning-rate jump then makes SGD diverge to inf/NaN.
+    exploding = TINY + ["optimizer=sgd", "scheduler=exponential", "scheduler.gamma=1e8", f"hydra.run.dir={run}"]
+    code = main(["train", *exploding])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "trainer.max_bad_steps" in err and "optimizer.lr" in err and "last finite loss" in err
+    state = ck.load_checkpoint(run / "checkpoints" / ck.LAST)
+    assert state[ck.EPOCH] == 1 and all(torch.isfinite(w).all() for w in state[ck.MODEL].values()
+                                        if w.is_floating_point())
+
+
+def test_resume_refuses_changes_it_cannot_honour(straight: Path, capsys: pytest.CaptureFixture) -> None:
+    before = (straight / "checkpoints" / ck.LAST).read_bytes()
+    assert main(["train", f"resume={straight}", "optimizer.lr=0.5"]) == 2
+    assert "optimizer.lr differs" in capsys.readouterr().err
+    assert (straight / "checkpoints" / ck.LAST).read_bytes() == before
+
+
+def test_kill9_during_checkpoint_writes_never_corrupts(tmp_path: Path) -> None:
+    """Kill a process that rewrites last.pt in a tight loop at random moments; the file always loads."""
+    path = tmp_path / ck.LAST
+    ck.save_checkpoint({ck.CONFIG: "a: 1", ck.MODEL: {"w": torch.zeros(3)}}, path)
+    writer = (f"import torch\nfrom pathlib import Path\nfrom nnctl import checkpoint as ck\ni = 0\n"
+              f"while True:\n    i += 1\n    ck.save_checkpoint({{ck.CONFIG: 'a: 1', ck.MODEL: "
+              f"{{'w': torch.full((300_000,), float(i))}}}}, Path({str(path)!r}))\n")
+    rng = random.Random(0)
+    for _ in range(8):
+        proc = subprocess.Popen([sys.executable, "-c", writer])
+        time.sleep(1.5 + rng.random())  # past the torch import, at a random point of some write
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        state = ck.load_checkpoint(path)
+        w = state[ck.MODEL]["w"]
+        assert torch.all(w == w[0]), "a torn write was observed"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != ck.LAST]
+    # Temp files of killed writers may remain, but they never shadow the real checkpoint.
+    assert all(n.startswith(f".{ck.LAST}.") and n.endswith(".tmp") for n in leftovers)
