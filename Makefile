@@ -15,9 +15,9 @@ test:  ## the fast offline suite
 test-all:  ## everything, including slow real-data runs
 	$(BIN)/pytest -q -n 2 -m ''
 
-bench:  ## benchmarks; writes bench/RESULTS.md
+bench:  ## benchmarks; writes bench/RESULTS.md (BENCH_ARGS=--quick for a fast check)
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -76,33 +77,92 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         raise
 
 
-def resolve_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
-    """A checkpoint file, or a run dir / checkpoints dir holding `prefer` (falling back to the other one)."""
-    p = Path(path).expanduser()
+def resolve_checkpoint(path: str | Path, prefer: str = BEST, key: str = "ckpt") -> Path:
+    """A checkpoint file, or a run dir / checkpoints dir holding `prefer` (falling back to the other one).
+
+    `key` names the argument the path came from (ckpt= for eval, resume= for train) in error messages.
+    """
+    if path is None or str(path).strip() == "":
+        raise UserError("no checkpoint given; pass a checkpoint file or a run dir", key=key)
+    p = Path(str(path)).expanduser()
     if p.is_dir():
         for directory in (p / "checkpoints", p):
             for name in (prefer, LAST if prefer == BEST else BEST):
                 if (directory / name).is_file():
                     return directory / name
-        raise UserError(f"{p} holds no checkpoint (looked for checkpoints/{BEST} and checkpoints/{LAST}); "
-                        "pass a run dir of a finished run or a .pt file", key="ckpt")
+        raise UserError(f"{p} holds no checkpoint (looked for {BEST} and {LAST} in {p / 'checkpoints'} and {p}); "
+                        "pass the run dir of a run that saved checkpoints, or a .pt file", key=key)
+    if not p.exists():
+        near = "" if p.parent.is_dir() or str(p.parent) == "" else f" ({p.parent} does not exist either)"
+        raise UserError(f"{p} does not exist{near}; pass a checkpoint file (best.pt / last.pt) or a run dir "
+                        "under outputs/train/", key=key)
     if not p.is_file():
-        raise UserError(f"{p} does not exist; pass a checkpoint file or a run dir", key="ckpt")
+        raise UserError(f"{p} is not a regular file; pass a checkpoint file or a run dir", key=key)
     return p
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint`. Anything else is refused with a UserError."""
-    if path.stat().st_size == 0:
-        raise UserError(f"{path} is empty (an interrupted copy?); use another checkpoint", key="ckpt")
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", key: str = "ckpt") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`. Anything else is refused with a UserError naming `key`.
+
+    torch.load runs with weights_only=True: a file that would need arbitrary classes or functions to unpickle
+    (and so could run code) is refused before anything in it runs.
+    """
+    path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc}); pass a checkpoint file or a run dir",
+                        key=key) from exc
+    if size == 0:
+        raise UserError(f"{path} is empty (an interrupted copy?); use another checkpoint, e.g. the run's last.pt",
+                        key=key)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save writes a zip; old torch a pickle
+        raise UserError(f"{path} is not a readable checkpoint (not a file written by torch.save); pass a best.pt / "
+                        "last.pt written by nnctl train", key=key)
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it better
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{path} contains objects that are not plain tensors/values and was refused for "
-                        "safety (it could run code); only nnctl checkpoints can be loaded", key="ckpt") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(exc).splitlines()[0]})",
-                        key="ckpt") from exc
-    if not isinstance(state, dict) or state.get(FORMAT) != FORMAT_VERSION or CONFIG not in state:
-        raise UserError(f"{path} is not an nnctl checkpoint (no {FORMAT}/{CONFIG} entries)", key="ckpt")
+        if not _is_weights_only_refusal(exc):
+            raise UserError(f"{path} is not a readable checkpoint (corrupt pickle data: {_brief(exc)}); use another "
+                            "checkpoint", key=key) from exc
+        raise UserError(f"{path} was refused for safety: it holds pickled objects that are not plain tensors/values "
+                        "and could run code when loaded (torch.load weights_only=True); only load checkpoints "
+                        "written by nnctl", key=key) from exc
+    except Exception as exc:  # zip/EOF/format errors: anything torch cannot parse is a bad file, not a bug
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {_brief(exc)}); use another "
+                        "checkpoint, e.g. the run's last.pt or best.pt", key=key) from exc
+    if not isinstance(state, dict) or FORMAT not in state:
+        raise UserError(f"{path} is not an nnctl checkpoint (no {FORMAT!r} entry); pass a best.pt / last.pt "
+                        "written by nnctl train", key=key)
+    if state[FORMAT] != FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {state[FORMAT]!r}, this nnctl reads format "
+                        f"{FORMAT_VERSION}; use the nnctl version that wrote it", key=key)
+    missing = [k for k in (CONFIG, MODEL) if k not in state]
+    if missing:
+        raise UserError(f"{path} is an incomplete nnctl checkpoint (missing {', '.join(missing)}); use another "
+                        "checkpoint", key=key)
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if not isinstance(OmegaConf.create(state[CONFIG]), DictConfig):
+            raise ValueError("not a mapping")
+    except Exception as exc:
+        raise UserError(f"{path} holds an unreadable config ({_brief(exc)}); use another checkpoint",
+                        key=key) from exc
     return state
+
+
+def _brief(exc: BaseException) -> str:
+    """The first sentence of an exception's first line (torch's messages go on for a paragraph)."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    text = re.split(r"(?<=[a-z0-9)'])\. ", text, maxsplit=1)[0].rstrip(".")
+    return f"{type(exc).__name__}: {text}" if len(text) < 200 else f"{type(exc).__name__}: {text[:200]}..."
+
+
+def _is_weights_only_refusal(exc: BaseException) -> bool:
+    """True when torch's weights_only unpickler refused a global/opcode (vs. plain corrupt pickle bytes)."""
+    return re.search(r"unsupported (global|operand)|not an allowed global", str(exc), re.IGNORECASE) is not None

@@ -22,22 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from nnctl import checkpoint as ck
 from nnctl.ema import EMA
-from nnctl.errors import UserError
+from nnctl.errors import Interrupted, UserError
 from nnctl.reporting import TensorBoard, console, epoch_progress, print_metrics, write_json
 from nnctl.runtime import pick_device, seed_everything
 from nnctl.schedulers import current_lr
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after saving last.pt; carries what the user needs to resume."""
-
-    def __init__(self, signum: int, checkpoint: Path | None, run_dir: Path) -> None:
-        self.signum, self.checkpoint, self.run_dir = signum, checkpoint, run_dir
-        saved = f"saved {checkpoint}" if checkpoint else "checkpoints are off, nothing saved"
-        super().__init__(f"stopped by {signal.Signals(signum).name}; {saved}; continue with: "
-                         f"nnctl train resume={run_dir}")
 
 
 class Tracker:
@@ -100,6 +90,8 @@ class Engine:
         self.precision.check(self.device)
         self.data = instantiate(cfg.data).setup(self.device)
         net = instantiate(cfg.model)(in_shape=self.data.in_shape, num_classes=self.data.num_classes)
+        if hasattr(net, "init_from_data"):  # data-dependent initialization (e.g. patch whitening)
+            net.to(self.device).init_from_data(self.data.sample_images(t.init_samples))
         self.net: nn.Module = instantiate(cfg.adapter)(net).to(self.device)  # the module whose weights we save
         if t.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -301,7 +293,7 @@ class Engine:
         limit = self.batches_per_epoch("val") if split == "val" else None
         for batch in self.data.eval_batches(split, limit):
             with self.precision.autocast(self.device):
-                self.objective.eval_update(model, batch, metrics, bool(self.cfg.eval.tta))
+                self.objective.eval_update(model, batch, metrics, self.cfg.eval.tta)
         model.train(was_training)
         return {f"{split}/{k}": float(v) for k, v in metrics.compute().items()}
 

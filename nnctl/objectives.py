@@ -24,8 +24,39 @@ class Objective(Protocol):
         """Fresh metrics for one evaluation pass (names without the split prefix)."""
 
     def eval_update(self, model: nn.Module, batch: Batch, metrics: torchmetrics.MetricCollection,
-                    tta: bool) -> None:
+                    tta: str | bool | None) -> None:
         """Run the model on an evaluation batch and update `metrics`."""
+
+
+def _plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def _flip(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Average the logits of each image and its mirror image."""
+    return 0.5 * (model(x) + model(x.flip(3)))
+
+
+def _flip_translate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """airbench's TTA: half on the flip-averaged image, a quarter on each of two opposite 1-px translations."""
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # [B, C, H+2, W+2]
+    up_left, down_right = padded[:, :, :-2, :-2], padded[:, :, 2:, 2:]  # [B, C, H, W] each
+    return 0.5 * _flip(model, x) + 0.25 * _flip(model, up_left) + 0.25 * _flip(model, down_right)
+
+
+TTA_MODES = {"none": _plain, "flip": _flip, "flip_translate": _flip_translate}
+TTA_ALIASES = {False: "none", None: "none", True: "flip"}
+
+
+def tta_mode(name: str | bool | None):  # noqa: ANN201 - returns one of TTA_MODES' functions
+    """The TTA function for a config value (true/false are accepted as flip/none)."""
+    name = name if isinstance(name, str) else TTA_ALIASES[name]
+    if name not in TTA_MODES:
+        from nnctl.errors import UserError
+
+        raise UserError(f"unknown test-time augmentation {name!r}; choose one of {', '.join(TTA_MODES)}",
+                        key="eval.tta")
+    return TTA_MODES[name]
 
 
 class Classification:
@@ -41,11 +72,8 @@ class Classification:
         acc = (logits.detach().argmax(dim=1) == y).float().mean()
         return loss, {"acc": acc}
 
-    def predict(self, model: nn.Module, x: torch.Tensor, tta: bool) -> torch.Tensor:
-        logits = model(x)
-        if tta:  # flip test-time augmentation: average the logits of the image and its mirror
-            logits = 0.5 * (logits + model(x.flip(3)))
-        return logits
+    def predict(self, model: nn.Module, x: torch.Tensor, tta: str | bool | None) -> torch.Tensor:
+        return tta_mode(tta)(model, x)  # [B, num_classes]
 
     def eval_metrics(self) -> torchmetrics.MetricCollection:
         from torchmetrics.classification import MulticlassAccuracy
@@ -59,9 +87,9 @@ class Classification:
         return torchmetrics.MetricCollection(metrics)
 
     def eval_update(self, model: nn.Module, batch: Batch, metrics: torchmetrics.MetricCollection,
-                    tta: bool) -> None:
+                    tta: str | bool | None) -> None:
         x, y = batch
-        logits = self.predict(model, x, tta).float()
+        logits = self.predict(model, x, tta).float()  # [B, num_classes]
         # Unsmoothed cross entropy: evaluation loss stays comparable across label_smoothing settings.
         metrics["loss"].update(F.cross_entropy(logits, y, reduction="sum") / len(y), weight=len(y))
         for name, metric in metrics.items():

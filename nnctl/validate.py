@@ -1,14 +1,20 @@
 """Value checks on the composed config, as one table of rules.
 
 Hydra/OmegaConf already reject unknown groups and keys; these rules catch values of the wrong type or outside
-their range before any work starts, each naming the key and the accepted values.
+their range before any work starts, each naming the key and the accepted values. A rule whose key is absent from
+the config (another option of the group is selected) is skipped, so one table serves every option.
+
+To add a check, append a `Rule` to RULES: the dotted key, the accepted types (INT, NUM, BOOL, STR, LIST, DICT or a
+tuple of your own), an optional predicate on the value, and what a valid value looks like (shown to the user as
+"<key>: got <value>; expected <expect>").
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from nnctl.errors import UserError
 
@@ -17,8 +23,8 @@ from nnctl.errors import UserError
 class Rule:
     key: str                            # dotted config key; skipped when absent from the config
     types: tuple[type, ...]             # accepted Python types (bool is never accepted as int/float)
-    check: Callable[[Any], bool] | None  # extra predicate on the value
-    expect: str                         # what a valid value looks like, for the message
+    check: Callable[[Any], bool] | None  # extra predicate on the value (only called when the type matched)
+    expect: str | Callable[[], str]     # what a valid value looks like, for the message
     nullable: bool = False
 
 
@@ -34,44 +40,151 @@ def _fraction_limit(v: Any) -> bool:
     return (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v <= 1)
 
 
+def _ints(minimum: int, min_len: int = 0, max_len: int | None = None) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        items = list(v)
+        return (min_len <= len(items) <= (max_len if max_len is not None else len(items))
+                and all(_has_type(i, (int,)) and i >= minimum for i in items))
+    return check
+
+
+def _betas(v: Any) -> bool:
+    items = list(v)
+    return len(items) == 2 and all(_has_type(b, (int, float)) and 0 <= b < 1 for b in items)
+
+
+def _device(v: str) -> bool:
+    return re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None
+
+
+def _metric(v: str) -> bool:
+    return re.fullmatch(r"(train|val)/\w+", v) is not None
+
+
+def _activation(v: str) -> bool:
+    from nnctl.models import ACTIVATIONS
+
+    return v in ACTIVATIONS
+
+
+def _activations() -> str:
+    from nnctl.models import ACTIVATIONS
+
+    return "one of " + ", ".join(ACTIVATIONS)
+
+
+def _tta(v: Any) -> bool:
+    from nnctl.objectives import TTA_MODES
+
+    return isinstance(v, bool) or v in TTA_MODES
+
+
+def _tta_modes() -> str:
+    from nnctl.objectives import TTA_MODES
+
+    return f"one of {', '.join(TTA_MODES)} (true/false mean flip/none)"
+
+
 INT, NUM, BOOL, STR = (int,), (int, float), (bool,), (str,)
+LIST, DICT = (list, tuple, ListConfig), (dict, DictConfig)
+MAPPING = "a mapping of keys (to pick an option of the group, write {group}=<option>)"
 
 RULES: list[Rule] = [
+    # -- optimizer ------------------------------------------------------------------------------------------------
     Rule("optimizer.lr", NUM, _positive, "a number > 0, e.g. optimizer.lr=0.001"),
-    Rule("optimizer.weight_decay", NUM, lambda v: v >= 0, "a number >= 0"),
-    Rule("optimizer.momentum", NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    Rule("optimizer.weight_decay", NUM, lambda v: v >= 0, "a number >= 0, e.g. optimizer.weight_decay=0.01"),
+    Rule("optimizer.momentum", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. optimizer.momentum=0.9"),
+    Rule("optimizer.betas", LIST, _betas, "two numbers in [0, 1), e.g. optimizer.betas=[0.9,0.999]"),
+    Rule("optimizer.alpha", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. optimizer.alpha=0.99"),
+    Rule("optimizer.nesterov", BOOL, None, "true or false"),
+    # -- scheduler ------------------------------------------------------------------------------------------------
+    Rule("scheduler.min_lr_ratio", NUM, lambda v: 0 <= v <= 1, "a number in [0, 1], e.g. 0.0"),
+    Rule("scheduler.warmup_fraction", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.05"),
+    Rule("scheduler.first_cycle_epochs", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("scheduler.cycle_mult", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("scheduler.pct_start", NUM, _fraction_open, "a fraction strictly between 0 and 1, e.g. 0.25"),
+    Rule("scheduler.div_factor", NUM, _positive, "a number > 0, e.g. 25"),
+    Rule("scheduler.final_div_factor", NUM, _positive, "a number > 0, e.g. 1000"),
+    Rule("scheduler.anneal", STR, lambda v: v in ("cos", "linear"), "cos or linear"),
+    Rule("scheduler.step_epochs", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("scheduler.gamma", NUM, _positive, "a number > 0 (< 1 decays the lr), e.g. scheduler.gamma=0.5"),
+    Rule("scheduler.factor", NUM, _fraction_open, "a fraction strictly between 0 and 1, e.g. 0.5"),
+    Rule("scheduler.patience", INT, lambda v: v >= 0, "an integer >= 0"),
+    Rule("scheduler.mode", STR, lambda v: v in ("min", "max"), "min or max"),
+    Rule("scheduler.monitor", STR, _metric, "a metric name such as val/loss or val/acc"),
+    # -- data -----------------------------------------------------------------------------------------------------
+    Rule("data.root", STR + INT, None, "a directory path, e.g. data.root=/path/to/data"),
+    Rule("data.download", BOOL, None, "true or false"),
     Rule("data.batch_size", INT, lambda v: v >= 1, "an integer >= 1, e.g. data.batch_size=64"),
-    Rule("data.eval_batch_size", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("data.eval_batch_size", INT, lambda v: v >= 1, "an integer >= 1, e.g. data.eval_batch_size=512"),
     Rule("data.val_fraction", NUM, _fraction_open, "a fraction strictly between 0 and 1, e.g. 0.1"),
     Rule("data.test_fraction", NUM, _fraction_open, "a fraction strictly between 0 and 1, e.g. 0.2"),
+    Rule("data.split_seed", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("data.num_workers", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("data.limit", INT, lambda v: v >= 1, "an integer >= 1 or null", nullable=True),
-    Rule("data.image_size", INT, lambda v: v >= 4, "an integer >= 4"),
-    Rule("data.augment.crop_padding", INT, lambda v: v >= 0, "an integer >= 0"),
+    Rule("data.overfit_batches", INT, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    Rule("data.image_size", INT, lambda v: v >= 4, "an integer >= 4, e.g. data.image_size=32"),
+    Rule("data.channels", INT, lambda v: v >= 1, "an integer >= 1 (3 = RGB, 1 = grayscale)"),
+    Rule("data.num_samples", INT, lambda v: v >= 2, "an integer >= 2"),
+    Rule("data.num_classes", INT, lambda v: v >= 2, "an integer >= 2"),
+    Rule("data.noise", NUM, lambda v: v >= 0, "a number >= 0"),
+    Rule("data.in_memory", BOOL + STR, lambda v: v in (True, False, "auto"), "true, false or auto"),
+    Rule("data.max_memory_mb", INT, lambda v: v >= 1, "an integer >= 1 (MiB)"),
+    Rule("data.augment", DICT, None, "a mapping with crop_padding and hflip, e.g. data.augment.hflip=false"),
+    Rule("data.augment.crop_padding", INT, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     Rule("data.augment.hflip", BOOL, None, "true or false"),
+    # -- model ----------------------------------------------------------------------------------------------------
+    Rule("model.hidden_sizes", LIST, _ints(1), "a list of integers >= 1, e.g. model.hidden_sizes=[256,128]"),
+    Rule("model.channels", LIST, _ints(1, min_len=1), "a non-empty list of integers >= 1, e.g. [32,64,128]"),
+    Rule("model.convs_per_block", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("model.blocks_per_stage", LIST, _ints(1, min_len=1), "a non-empty list of integers >= 1, e.g. [1,1,1,1]",
+         nullable=True),
+    Rule("model.depth", INT, lambda v: v >= 1, "18 or 34 (or set model.blocks_per_stage)"),
+    Rule("model.width", INT, lambda v: v >= 1, "an integer >= 1, e.g. model.width=64"),
+    Rule("model.batch_norm", BOOL, None, "true or false"),
+    Rule("model.residual", BOOL, None, "true or false"),
+    Rule("model.dropout", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. model.dropout=0.1"),
+    Rule("model.activation", STR, _activation, _activations),
+    # -- trainer --------------------------------------------------------------------------------------------------
     Rule("trainer.max_epochs", INT, lambda v: v >= 1, "an integer >= 1, e.g. trainer.max_epochs=5"),
     Rule("trainer.max_steps", INT, lambda v: v >= 1, "an integer >= 1 or null", nullable=True),
-    Rule("trainer.grad_accum_steps", INT, lambda v: v >= 1, "an integer >= 1"),
-    Rule("trainer.grad_clip_norm", NUM, _positive, "a number > 0 or null", nullable=True),
-    Rule("trainer.label_smoothing", NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    Rule("trainer.grad_accum_steps", INT, lambda v: v >= 1, "an integer >= 1, e.g. trainer.grad_accum_steps=2"),
+    Rule("trainer.grad_clip_norm", NUM, _positive, "a number > 0 or null, e.g. trainer.grad_clip_norm=1.0",
+         nullable=True),
+    Rule("trainer.label_smoothing", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1"),
+    Rule("trainer.decay_norm_bias", BOOL, None, "true or false"),
     Rule("trainer.seed", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("trainer.deterministic", BOOL, None, "true or false"),
-    Rule("trainer.device", STR, lambda v: v.split(":")[0] in ("auto", "cpu", "cuda", "mps"),
-         "auto, cpu, cuda, cuda:N or mps"),
+    Rule("trainer.device", STR, _device, "auto, cpu, cuda, cuda:N or mps"),
     Rule("trainer.limit_train_batches", NUM, _fraction_limit, "an integer >= 1, a fraction in (0, 1], or null",
          nullable=True),
     Rule("trainer.limit_val_batches", NUM, _fraction_limit, "an integer >= 1, a fraction in (0, 1], or null",
          nullable=True),
     Rule("trainer.log_every_n_steps", INT, lambda v: v >= 1, "an integer >= 1"),
     Rule("trainer.max_bad_steps", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("trainer.progress", BOOL, None, "true or false"),
+    Rule("trainer.channels_last", BOOL, None, "true or false"),
+    Rule("trainer.compile", BOOL, None, "true or false"),
+    Rule("trainer.init_samples", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("trainer.ema", DICT, None, MAPPING.format(group="trainer/ema")),
+    Rule("trainer.ema.enabled", BOOL, None, "true or false"),
+    Rule("trainer.ema.decay", NUM, _fraction_open, "a number strictly between 0 and 1, e.g. trainer.ema.decay=0.999"),
+    Rule("trainer.ema.every_n_steps", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("trainer.early_stopping", DICT, None, MAPPING.format(group="trainer/early_stopping")),
+    Rule("trainer.early_stopping.enabled", BOOL, None, "true or false"),
+    Rule("trainer.early_stopping.monitor", STR, _metric, "a metric name such as val/loss or val/acc"),
     Rule("trainer.early_stopping.patience", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("trainer.early_stopping.min_delta", NUM, lambda v: v >= 0, "a number >= 0"),
     Rule("trainer.early_stopping.mode", STR, lambda v: v in ("min", "max"), "min or max"),
+    Rule("trainer.checkpoint", DICT, None, MAPPING.format(group="trainer/checkpoint")),
+    Rule("trainer.checkpoint.enabled", BOOL, None, "true or false"),
+    Rule("trainer.checkpoint.monitor", STR, _metric, "a metric name such as val/acc or val/loss"),
     Rule("trainer.checkpoint.mode", STR, lambda v: v in ("min", "max"), "min or max"),
     Rule("trainer.checkpoint.save_top_k", INT, lambda v: v >= 0, "an integer >= 0"),
+    Rule("trainer.checkpoint.save_last", BOOL, None, "true or false"),
     Rule("trainer.checkpoint.every_n_epochs", INT, lambda v: v >= 1, "an integer >= 1"),
-    Rule("model.dropout", NUM, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    Rule("model.activation", STR, None, "an activation name"),
+    # -- eval -----------------------------------------------------------------------------------------------------
+    Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
 ]
 
 
@@ -81,13 +194,32 @@ def _has_type(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+_ABSENT = object()
+
+
+def _lookup(cfg: DictConfig, key: str) -> Any:
+    """The value at `key`, _ABSENT when a parent or the key itself is not in `cfg`; '???' raises UserError."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None, throw_on_missing=False) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent.keys():  # `in parent` is False for '???'
+        return _ABSENT
+    if OmegaConf.is_missing(parent, leaf):
+        raise UserError(f"a value is required; pass {key}=...", key=key)
+    return parent[leaf]  # interpolations resolve here; a broken one raises an OmegaConf error naming the key
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return repr(value)
+
+
 def validate(cfg: DictConfig, rules: list[Rule] = RULES) -> None:
     """Raise UserError for the first value in `cfg` that breaks a rule."""
     for rule in rules:
-        value = OmegaConf.select(cfg, rule.key, default="__absent__", throw_on_missing=False)
-        if isinstance(value, str) and value == "__absent__":
-            continue
-        if value is None and rule.nullable:
+        value = _lookup(cfg, rule.key)
+        if value is _ABSENT or (value is None and rule.nullable):
             continue
         if not _has_type(value, rule.types) or (rule.check is not None and not rule.check(value)):
-            raise UserError(f"got {value!r}; expected {rule.expect}", key=rule.key)
+            expect = rule.expect() if callable(rule.expect) else rule.expect
+            raise UserError(f"got {_show(value)}; expected {expect}", key=rule.key)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nnctl.data.augment import Normalize, random_crop, random_hflip
+from nnctl.errors import UserError
 
 log = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -103,6 +104,9 @@ class ImageData:
             keep = torch.arange(min(self.overfit_batches * self.batch_size, len(train_y)))
             train_x, train_y = _take(train_x, keep), train_y[keep]
             val = (train_x, train_y)
+        if len(train_y) == 0:
+            raise UserError(f"no training images left of {len(arrays.train_y)} after holding out "
+                            f"{len(val[1])} for validation; lower data.val_fraction or add images", key="data")
         self.splits = {"train": (train_x, train_y), "val": val, "test": (arrays.test_x, arrays.test_y)}
         self.classes = list(arrays.classes)
         sample = train_x[0]
@@ -125,6 +129,13 @@ class ImageData:
     def num_batches(self, split: str) -> int:
         n = len(self.splits[split][1])
         return n // self.batch_size if split == "train" else math.ceil(n / self.eval_batch_size)
+
+    def sample_images(self, n: int) -> torch.Tensor:
+        """The first `n` training images, normalized and unaugmented, for data-dependent initialization."""
+        x, _ = self.splits["train"]
+        n = min(n, len(x))
+        batch = x[:n] if isinstance(x, torch.Tensor) else torch.stack([x[i] for i in range(n)])
+        return self.normalize(batch.to(self.device))
 
     def train_batches(self, epoch: int, seed: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
         """Augmented, normalized training batches [start, stop) of `epoch` (drop_last, shuffled)."""
@@ -167,8 +178,13 @@ class ImageData:
         blocks = [idx.tolist() for idx in order]
         loader = DataLoader(x, batch_sampler=blocks, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda")
-        for xb, idx in zip(loader, order):
-            yield xb.to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
+        try:
+            for xb, idx in zip(loader, order):
+                yield xb.to(self.device, non_blocking=True), y[idx].to(self.device, non_blocking=True)
+        except UserError as exc:
+            # From a worker process the DataLoader re-raises it with the worker's traceback folded into the
+            # message, which ends with "...UserError: <the original message>"; keep only that.
+            raise UserError(str(exc).rsplit("UserError: ", 1)[-1].strip()) from None
 
     def _fits(self) -> bool:
         if self.in_memory == "auto":
@@ -177,11 +193,17 @@ class ImageData:
         return bool(self.in_memory)
 
     def _statistics(self, x: torch.Tensor | Dataset) -> Normalize:
-        """Per-channel mean/std of the training images (on at most 10k of them), in [0, 1] units."""
+        """Per-channel mean/std of the training images (on at most 10k of them), in [0, 1] units.
+
+        The sample is spread evenly over the set: image folders are sorted by class, so the first N images
+        would all come from the first classes."""
+        n = len(x)
         if isinstance(x, torch.Tensor):
-            sample = x[: 10_000].float() / 255
-        else:
-            sample = torch.stack([x[i] for i in range(min(len(x), 2_000))]).float() / 255
+            index = torch.linspace(0, n - 1, min(n, 10_000)).round().long().unique()
+            sample = x[index].float() / 255
+        else:  # decoding is slow: fewer images
+            index = torch.linspace(0, n - 1, min(n, 2_000)).round().long().unique()
+            sample = torch.stack([x[int(i)] for i in index]).float() / 255
         mean = sample.mean(dim=(0, 2, 3))
         std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
         return Normalize(mean, std)

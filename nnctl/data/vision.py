@@ -239,7 +239,9 @@ class ImageFolder(ImageData):
             raise UserError(f"{root} is not a directory; point data.root at <root>/<class>/*.png", key="data.root")
         split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
         train_dir = split_dirs.get("train", root)
-        classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        # <root>/<class>/ next to <root>/test/: the split dirs are not classes
+        classes = sorted(d.name for d in train_dir.iterdir()
+                         if d.is_dir() and not d.name.startswith(".") and d.name not in split_dirs)
         if not classes:
             raise UserError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image files>",
                             key="data.root")

@@ -1,0 +1,108 @@
+"""Time to accuracy: Fashion-MNIST test accuracy reached by `nnctl train experiment=fashion_mnist_fast` within
+10 minutes of wall time on this machine's CPU.
+
+Runs the command exactly as a user would (fresh subprocess from the repository root, its run directory pinned
+with hydra.run.dir under bench/results/runs/), measures the wall time of the whole command (start-up, data
+loading, training, validation, checkpoints and the final test pass), then reads test accuracy from the run's
+metrics.json. Goal: test accuracy >= 94.0% and wall time <= 600 s. The run is stopped at 1.5x the budget.
+
+Skips (met = null, with the reason) when the experiment config or the Fashion-MNIST files are missing; the files
+are looked for where data=fashion_mnist looks: <data.root>/FashionMNIST/raw and /usr/share/datasets/fashion-mnist
+(Debian's dataset-fashion-mnist).
+
+Extra arguments are passed to `nnctl train` as overrides, e.g. a smoke test of this script:
+    python -m bench.time_to_accuracy --experiment fashion_mnist_cnn trainer.max_epochs=1 data.limit=2000
+(`--quick` adds exactly those two overrides.)
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._common import CONFIG_DIR, RESULTS_DIR, ROOT, base_parser, nnctl_command, run_timed, table, verdict, \
+    write_result
+
+NAME = "time_to_accuracy"
+GOAL_ACC, BUDGET_S = 0.94, 600.0
+FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+DIRS = [ROOT / "data" / "FashionMNIST" / "raw", Path("/usr/share/datasets/fashion-mnist")]
+
+
+def find_data() -> Path | None:
+    for d in DIRS:
+        if all((d / f).is_file() or (d / f"{f}.gz").is_file() for f in FILES):
+            return d
+    return None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = base_parser(__doc__)
+    parser.add_argument("--experiment", default="fashion_mnist_fast", help="configs/experiment/<name>.yaml")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="wall-time budget in seconds")
+    parser.add_argument("overrides", nargs="*", help="extra `nnctl train` overrides")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + (["trainer.max_epochs=1", "data.limit=2000"] if args.quick else [])
+    goal = f"experiment={args.experiment}: test accuracy >= {100 * GOAL_ACC:.1f}% within {args.budget:.0f} s wall"
+    started = time.perf_counter()
+
+    def skip(reason: str) -> dict[str, Any]:
+        print(f"SKIPPED: {reason}")
+        result = {"goal": goal, "met": None, "skipped": reason, "quick": args.quick, "headline": f"skipped: {reason}"}
+        write_result(NAME, result)
+        return result
+
+    if not (CONFIG_DIR / "experiment" / f"{args.experiment}.yaml").is_file():
+        return skip(f"configs/experiment/{args.experiment}.yaml does not exist (yet)")
+    data_dir = find_data()
+    if data_dir is None:
+        return skip("Fashion-MNIST IDX files not found in " + ", ".join(map(str, DIRS)) +
+                    " (apt-get install dataset-fashion-mnist)")
+
+    run_dir = RESULTS_DIR / "runs" / f"{NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [*nnctl_command(), "train", f"experiment={args.experiment}", *overrides, f"hydra.run.dir={run_dir}"]
+    print(f"data: {data_dir}\nrunning: {' '.join(cmd)}  (budget {args.budget:.0f} s)", flush=True)
+    try:
+        wall, proc = run_timed(cmd, timeout=1.5 * args.budget)
+        code, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        wall, code = 1.5 * args.budget, None
+        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{NAME}.log").write_text(output)
+    metrics_path = run_dir / "metrics.json"
+    if code != 0 or not metrics_path.is_file():
+        why = "timed out" if code is None else f"exit code {code}"
+        print(f"nnctl train failed ({why}); output tail:\n{output[-3000:]}")
+        result = {"goal": goal, "met": False, "error": why, "wall_s": wall, "run_dir": str(run_dir),
+                  "quick": args.quick, "overrides": overrides, "headline": f"run failed ({why})"}
+        write_result(NAME, result)
+        return result
+    metrics = json.loads(metrics_path.read_text())
+    acc = metrics.get("test", {}).get("acc")
+    met = acc is not None and acc >= GOAL_ACC and wall <= args.budget
+    rows = [("test accuracy", f"{100 * acc:.2f}%" if acc is not None else "-", f">= {100 * GOAL_ACC:.1f}%"),
+            ("wall time (s)", f"{wall:.1f}", f"<= {args.budget:.0f}"),
+            ("train seconds (engine)", metrics.get("train_seconds"), ""),
+            ("epochs", metrics.get("epochs"), ""),
+            ("val acc (best)", metrics.get("val", {}).get("acc"), "")]
+    text = table(["", "measured", "goal"], rows)
+    print(text)
+    if overrides:
+        met = None  # a shortened run checks the script; it says nothing about the goal
+        print(f"note: overrides {' '.join(overrides)} were given: a check of the script, the goal is not judged")
+    print(f"goal: {goal}: {verdict(met)}")
+    result = {"goal": goal, "met": met, "quick": args.quick, "overrides": overrides, "table": text,
+              "test_acc": acc, "wall_s": wall,
+              "train_seconds": metrics.get("train_seconds"), "epochs": metrics.get("epochs"),
+              "run_dir": str(run_dir.relative_to(ROOT)), "metrics": metrics,
+              "seconds": round(time.perf_counter() - started, 1),
+              "headline": f"test acc {100 * acc:.2f}% in {wall:.0f} s" if acc is not None else "no test accuracy"}
+    write_result(NAME, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,332 @@
+"""The bad-input contract: every mistake a user can make prints ONE line on stderr that names the config key or file
+and the fix, exits with code 2, prints no traceback (unless HYDRA_FULL_ERROR=1), and leaves existing run dirs and
+checkpoints byte-identical. Programming errors keep their traceback.
+
+CASES is one table; to cover a new mistake, add a row:
+
+    case("id", ["train", "key=value", ...], r"regex the single stderr line must match")
+
+Arguments may use {run} (a finished tiny run dir), {files} (a dir of crafted bad files, see `crafted`) and {tmp}
+(the test's own dir: conftest's `isolated` makes it the working dir and NNCTL_ROOT, so runs land there). Rows that
+fail at composition or validation take a fraction of a second; rows that need a checkpoint share the one session run.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from nnctl import checkpoint as ck
+from nnctl.cli import main
+
+TINY = ["data=synthetic", "data.num_samples=256", "model=mlp", "model.hidden_sizes=[16]", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.device=cpu", "trainer.progress=false"]
+
+
+def case(id: str, argv: list[str], pattern: str, code: int = 2) -> object:
+    return pytest.param(argv, code, pattern, id=id)
+
+
+CASES = [
+    # -- unknown group options: the valid ones listed, a did-you-mean for near misses ------------------------------
+    case("model-unknown", ["train", "model=foo"], r"model=foo: unknown option; choose one of (\w+, )*cnn, mlp, resnet"),
+    case("model-near-miss", ["train", "model=resnt"], r"model=resnt: unknown option \(did you mean 'resnet'\?\); "
+                                                       r"choose one of .*resnet"),
+    case("model-empty", ["train", "model="], r"model=: no option given; choose one of (\w+, )*cnn, mlp, resnet"),
+    case("data-unknown", ["train", "data=svhn"], r"data=svhn: unknown option; choose one of .*mnist.*synthetic"),
+    case("optimizer-near-miss", ["train", "optimizer=adm"], r"optimizer=adm: unknown option \(did you mean "
+                                                            r"'adam'\?\); choose one of adam, adamw, .*sgd"),
+    case("scheduler-unknown", ["train", "scheduler=linear"], r"scheduler=linear: unknown option; choose one of "
+                                                             r".*warmup_cosine"),
+    case("precision-unknown", ["train", "precision=fp8"], r"precision=fp8: unknown option; choose one of "
+                                                          r"bf16, fp16, fp32"),
+    case("adapter-unknown", ["train", "adapter=dora"], r"adapter=dora: unknown option; choose one of .*none"),
+    case("objective-unknown", ["train", "objective=regress"], r"objective=regress: unknown option; choose one of "
+                                                              r".*classification"),
+    case("trainer-unknown", ["train", "trainer=fast"], r"trainer=fast: unknown option; choose one of .*default"),
+    case("nested-group-near-miss", ["train", "trainer/early_stopping=of"],
+         r"trainer/early_stopping=of: unknown option \(did you mean 'off'\?\)"),
+    case("experiment-unknown", ["train", "experiment=mnist_mlp"], r"experiment=mnist_mlp: unknown option; choose "
+                                                                  r"one of .*cifar10_resnet"),
+    case("group-value-instead-of-option", ["train", "trainer.early_stopping=off"],
+         r"trainer\.early_stopping: got 'off'; expected a mapping .*trainer/early_stopping=<option>"),
+    # -- unknown keys, with a did-you-mean --------------------------------------------------------------------------
+    case("key-max-epoch", ["train", "trainer.max_epoch=3"], r"trainer\.max_epoch: unknown key \(did you mean "
+                                                            r"'trainer\.max_epochs'\?\)"),
+    case("key-learning-rate", ["train", "optimizer.learning_rate=0.1"],
+         r"optimizer\.learning_rate: unknown key \(did you mean 'optimizer\.lr'\?\)"),
+    case("key-batchsize", ["train", "data.batchsize=32"], r"data\.batchsize: unknown key \(did you mean "
+                                                          r"'data\.batch_size'\?\)"),
+    case("key-of-other-option", ["train", "model=resnet", "model.hidden_sizes=[8]"],
+         r"model\.hidden_sizes: not a key of the selected model option; only model=mlp has it"),
+    case("key-of-eval-in-train", ["train", "split=test"], r"split: not a key of nnctl train"),
+    case("key-unknown-top-level", ["train", "foo=1"], r"foo: unknown key; top-level keys are: .*model.*"
+                                                      r"\(to add a new key use \+foo=\.\.\.\)"),
+    case("append-existing-key", ["train", "+model.dropout=0.3"], r"model\.dropout: already in the config; set it "
+                                                                 r"without the \+ prefix"),
+    case("delete-required-key", ["train", "~trainer.max_epochs"], r"trainer\.max_epochs: nnctl needs this key; "
+                                                                  r"drop '~trainer\.max_epochs'"),
+    # -- wrong types ---------------------------------------------------------------------------------------------------
+    case("type-max-epochs", ["train", "trainer.max_epochs=abc"], r"trainer\.max_epochs: got 'abc'; expected an "
+                                                                 r"integer >= 1, e\.g\. trainer\.max_epochs=5"),
+    case("type-batch-size", ["train", "data.batch_size=1.5"], r"data\.batch_size: got 1\.5; expected an integer"),
+    case("type-deterministic", ["train", "trainer.deterministic=maybe"],
+         r"trainer\.deterministic: got 'maybe'; expected true or false"),
+    case("type-lr", ["train", "optimizer.lr=fast"], r"optimizer\.lr: got 'fast'; expected a number > 0"),
+    case("type-hidden-sizes", ["train", "model=mlp", "model.hidden_sizes=abc"],
+         r"model\.hidden_sizes: got 'abc'; expected a list of integers >= 1"),
+    case("type-betas", ["train", "optimizer.betas=0.9"], r"optimizer\.betas: got 0\.9; expected two numbers"),
+    case("type-gamma", ["train", "scheduler=step", "scheduler.gamma=abc"], r"scheduler\.gamma: got 'abc'"),
+    case("type-augment", ["train", "data.augment=3"], r"data\.augment: got 3; expected a mapping"),
+    case("type-eval-tta", ["train", "eval.tta=maybe"], r"eval\.tta: got 'maybe'; expected one of none, flip"),
+    case("missing-value", ["train", "optimizer.lr=???"], r"optimizer\.lr: a value is required; pass "
+                                                         r"optimizer\.lr=\.\.\."),
+    # -- out of range --------------------------------------------------------------------------------------------------
+    case("lr-zero", ["train", "optimizer.lr=0"], r"optimizer\.lr: got 0; expected a number > 0, e\.g\. "
+                                                 r"optimizer\.lr=0\.001"),
+    case("lr-negative", ["train", "optimizer.lr=-1"], r"optimizer\.lr: got -1; expected a number > 0"),
+    case("batch-size-zero", ["train", "data.batch_size=0"], r"data\.batch_size: got 0; expected an integer >= 1"),
+    case("val-fraction-above-1", ["train", "data.val_fraction=1.5"],
+         r"data\.val_fraction: got 1\.5; expected a fraction strictly between 0 and 1, e\.g\. 0\.1"),
+    case("val-fraction-zero", ["train", "data.val_fraction=0"], r"data\.val_fraction: got 0; expected a fraction"),
+    case("patience-negative", ["train", "trainer.early_stopping.patience=-1"],
+         r"trainer\.early_stopping\.patience: got -1; expected an integer >= 0"),
+    case("grad-accum-zero", ["train", "trainer.grad_accum_steps=0"],
+         r"trainer\.grad_accum_steps: got 0; expected an integer >= 1"),
+    case("label-smoothing-one", ["train", "trainer.label_smoothing=1.0"],
+         r"trainer\.label_smoothing: got 1\.0; expected a number in \[0, 1\)"),
+    case("dropout-one", ["train", "model.dropout=1.0"], r"model\.dropout: got 1\.0; expected a number in \[0, 1\)"),
+    case("limit-train-batches-zero", ["train", "trainer.limit_train_batches=0"],
+         r"trainer\.limit_train_batches: got 0; expected an integer >= 1, a fraction in \(0, 1\], or null"),
+    case("hidden-size-zero", ["train", "model=mlp", "model.hidden_sizes=[0]"], r"model\.hidden_sizes: got \[0\]"),
+    case("monitor-not-a-metric", ["train", "trainer.checkpoint.monitor=accuracy"],
+         r"trainer\.checkpoint\.monitor: got 'accuracy'; expected a metric name such as val/acc"),
+    case("device-tpu", ["train", "trainer.device=tpu"], r"trainer\.device: got 'tpu'; expected auto, cpu, cuda, "
+                                                        r"cuda:N or mps"),
+    case("device-bad-index", ["train", "trainer.device=cuda:x"], r"trainer\.device: got 'cuda:x'"),
+    pytest.param(["train", *TINY, "trainer.device=cuda"], 2,
+                 r"trainer\.device: device 'cuda' is not available on this machine; use trainer\.device=auto or cpu",
+                 id="device-cuda-absent",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    case("activation-unknown", ["train", "model.activation=swish"],
+         r"model\.activation: got 'swish'; expected one of relu, gelu"),
+    # -- override syntax -----------------------------------------------------------------------------------------------
+    case("syntax-unclosed-list", ["train", "trainer.max_epochs=[1,"],
+         r"bad override 'trainer\.max_epochs=\[1,': .*write key=value"),
+    case("syntax-no-equals", ["train", "trainer.max_epochs"], r"bad override 'trainer\.max_epochs': no '=' in it"),
+    case("syntax-comma-without-m", ["train", "optimizer.lr=1e-3,1e-2"],
+         r"'optimizer\.lr=1e-3,1e-2': a comma makes this a sweep; add -m"),
+    # -- eval ----------------------------------------------------------------------------------------------------------
+    case("eval-no-ckpt", ["eval"], r"ckpt: a value is required; pass ckpt=\.\.\."),
+    case("eval-ckpt-missing", ["eval", "ckpt=nonexistent.pt"], r"ckpt: nonexistent\.pt does not exist; pass a "
+                                                               r"checkpoint file"),
+    case("eval-dir-without-checkpoint", ["eval", "ckpt={files}/emptydir"],
+         r"ckpt: .*emptydir holds no checkpoint \(looked for best\.pt and last\.pt"),
+    case("eval-empty-file", ["eval", "ckpt={files}/empty.pt"], r"ckpt: .*empty\.pt is empty"),
+    case("eval-truncated", ["eval", "ckpt={files}/truncated.pt"],
+         r"ckpt: .*truncated\.pt is not a readable checkpoint \(truncated or corrupt"),
+    case("eval-random-bytes", ["eval", "ckpt={files}/random.pt"], r"ckpt: .*random\.pt is not a readable checkpoint"),
+    case("eval-text-file", ["eval", "ckpt={files}/notes.pt"], r"ckpt: .*notes\.pt is not a readable checkpoint"),
+    case("eval-foreign-dict", ["eval", "ckpt={files}/foreign.pt"], r"ckpt: .*foreign\.pt is not an nnctl checkpoint"),
+    case("eval-malicious-pickle", ["eval", "ckpt={files}/evil.pt"], r"ckpt: .*evil\.pt was refused for safety"),
+    case("eval-weights-do-not-fit", ["eval", "ckpt={files}/mismatch.pt"],
+         r"model: the checkpoint's weights do not fit the configured model"),
+    case("eval-split-train", ["eval", "ckpt={run}", "split=train"], r"split: got 'train'; expected test or val"),
+    case("eval-unknown-key", ["eval", "ckpt={run}", "data.batchsize=3"],
+         r"data\.batchsize: unknown key \(did you mean 'data\.batch_size'\?\)"),
+    case("eval-bad-value", ["eval", "ckpt={run}", "data.eval_batch_size=0"],
+         r"data\.eval_batch_size: got 0; expected an integer >= 1"),
+    case("eval-model-change", ["eval", "ckpt={run}", "model.dropout=0.5"],
+         r"model\.dropout: nnctl eval rebuilds the model from the config stored in the checkpoint"),
+    case("eval-train-key", ["eval", "ckpt={run}", "resume=auto"], r"resume: not a key of nnctl eval"),
+    case("eval-group-choice", ["eval", "ckpt={run}", "data=mnist"],
+         r"data: nnctl eval uses the data config stored in the checkpoint; change single keys instead"),
+    # -- resume --------------------------------------------------------------------------------------------------------
+    case("resume-missing", ["train", "resume=nonexistent"], r"resume: nonexistent does not exist"),
+    case("resume-other-model", ["train", "resume={run}", "model=mlp"],
+         r"resume: 'model=mlp' gives a different model than the checkpoint was trained with "
+         r"\(model\.hidden_sizes: \[16\] -> \[256, 128\]\); .*drop 'model=mlp'"),
+    case("resume-other-optimizer", ["train", "resume={run}", "optimizer=sgd"],
+         r"resume: 'optimizer=sgd' gives a different optimizer"),
+    case("resume-auto-no-runs", ["train", *TINY, "resume=auto"], r"resume: no resumable run with this config under "
+                                                                 r".*outputs/train \(0 run\(s\) checked\)"),
+    case("resume-loose-file", ["train", "resume={files}/foreign.pt"], r"resume: .*foreign\.pt is not inside a "
+                                                                      r"run's checkpoints/ dir"),
+    case("resume-then-bad-value", ["train", "resume={run}", "trainer.max_epochs=0"],
+         r"trainer\.max_epochs: got 0; expected an integer >= 1"),
+    pytest.param(["train", "resume={run}", "trainer.max_epochs=2", "trainer.device=cuda"], 2,
+                 r"trainer\.device: device 'cuda' is not available", id="resume-then-device-absent",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    # -- data and output locations -------------------------------------------------------------------------------------
+    case("mnist-offline-no-download", ["train", "data=mnist", "data.download=false"],
+         r"data\.root: mnist not found \(looked in .*MNIST/raw\)"),
+    case("mnist-download-fails", ["train", "data=mnist", "data.download=true", "data.root={files}/empty_root"],
+         r"data\.root: mnist is not on disk \(looked in .*empty_root/MNIST/raw\) and the download failed"),
+    case("image-folder-no-root", ["train", "data=image_folder"], r"data\.root: a value is required; pass "
+                                                                 r"data\.root=\.\.\."),
+    case("image-folder-no-classes", ["train", "data=image_folder", "data.root={files}/no_classes"],
+         r"data\.root: .*no_classes has no class folders; expected .*/<class>/<image files>"),
+    case("image-folder-not-a-dir", ["train", "data=image_folder", "data.root={files}/nowhere"],
+         r"data\.root: .*nowhere is not a directory"),
+    case("output-dir-not-writable", ["train", "paths.output_dir={files}/afile/outputs"],
+         r"paths\.output_dir: cannot create .*afile/outputs.*; set paths\.output_dir .* to a writable directory"),
+    case("output-dir-not-writable-sweep", ["train", "-m", "paths.output_dir={files}/afile/outputs",
+                                           "trainer.max_epochs=1,2"], r"paths\.output_dir: cannot create"),
+    case("unknown-command", ["trian"], r"^nnctl: unknown command 'trian' \(did you mean 'train'\?\)"),
+]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class _Evil:
+    """Unpickling this runs a shell command: what a malicious 'checkpoint' does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="session")
+def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny finished run ({run}) and bad inputs made from it ({files}); paths are absolute, so this session
+    fixture does not depend on the working dir of whichever test asks for it first."""
+    base = tmp_path_factory.mktemp("errors")
+    run, files = base / "run", base / "files"
+    files.mkdir()
+    assert main(["train", *TINY, f"paths.root_dir={base}", f"hydra.run.dir={run}"]) == 0
+    best = run / "checkpoints" / ck.BEST
+    data = best.read_bytes()
+    (files / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (files / "empty.pt").write_bytes(b"")
+    (files / "random.pt").write_bytes(random.Random(0).randbytes(4096))
+    (files / "notes.pt").write_text("these are my notes, not a checkpoint\n")
+    torch.save({"weights": torch.zeros(3)}, files / "foreign.pt")  # a plain torch file without nnctl's keys
+    torch.save({"model": _Evil(files / "pwned")}, files / "evil.pt")
+    state = ck.load_checkpoint(best)
+    cfg = OmegaConf.create(state[ck.CONFIG])
+    cfg.model.hidden_sizes = [32]  # the stored config now describes a model the stored weights do not fit
+    ck.save_checkpoint({**state, ck.CONFIG: OmegaConf.to_yaml(cfg)}, files / "mismatch.pt")
+    (files / "emptydir").mkdir()
+    (files / "empty_root").mkdir()
+    (files / "no_classes").mkdir()
+    (files / "no_classes" / "readme.txt").write_text("images go in class folders\n")
+    (files / "afile").write_text("a regular file where a directory is expected\n")
+    return {"run": run, "files": files, "digests": _digests(base)}  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("argv, code, pattern", CASES)
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], code: int, pattern: str, crafted: dict,
+                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    places = {"run": crafted["run"], "files": crafted["files"], "tmp": tmp_path}
+    args = [a.format(**places) for a in argv]
+    assert main(args) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{err}"
+    assert lines[0].startswith(("nnctl train: error: ", "nnctl eval: error: ", "nnctl: ")), lines[0]
+    assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+    assert not (crafted["files"] / "pwned").exists(), "a malicious pickle ran code"
+    # what existed before (the finished run, its checkpoints, the crafted files) is byte-identical
+    assert _digests(crafted["run"].parent) == crafted["digests"]
+
+
+def test_cases_cover_each_group_and_have_unique_ids() -> None:
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 35
+    for group in ("model", "data", "optimizer", "scheduler", "precision", "adapter", "objective", "trainer"):
+        assert any(arg == f"{group}=" or arg.startswith(f"{group}=") and "." not in arg.split("=")[0]
+                   for c in CASES for arg in c.values[0]), group
+
+
+# -- HYDRA_FULL_ERROR and programming errors ---------------------------------------------------------------------------
+def _nnctl() -> list[str]:
+    exe = Path(sys.executable).parent / "nnctl"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "nnctl"]
+
+
+def test_full_error_env_shows_the_traceback(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["NNCTL_ROOT"] = str(tmp_path)
+    def start(extra_env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen([*_nnctl(), "train", "optimizer.lr=-1"], cwd=tmp_path, env={**env, **extra_env},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    plain, full = start({}), start({"HYDRA_FULL_ERROR": "1"})  # both at once: each pays the torch import
+    plain_err, full_err = plain.communicate(timeout=180)[1], full.communicate(timeout=180)[1]
+    assert plain.returncode == 2, plain_err
+    assert plain_err.strip() == ("nnctl train: error: optimizer.lr: got -1; expected a number > 0, e.g. "
+                                 "optimizer.lr=0.001"), plain_err
+    assert full.returncode != 0
+    assert "Traceback" in full_err and "UserError" in full_err and "optimizer.lr" in full_err
+
+
+def test_full_error_env_in_process_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nnctl.errors import UserError
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(UserError, match="optimizer.lr"):
+        main(["train", "optimizer.lr=-1"])
+    assert os.environ.get("HYDRA_FULL_ERROR") == "1"  # left as the user set it
+
+
+def test_programming_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nnctl.engine import Engine
+
+    def broken(self: Engine) -> None:
+        return 1 / 0
+
+    monkeypatch.setattr(Engine, "fit", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", *TINY])
+    assert "HYDRA_FULL_ERROR" not in os.environ  # run() restores the environment after raising
+
+
+def test_code_reading_an_unknown_config_key_is_a_bug_not_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A typo'd config key in nnctl's own code must not be reported as the user's unknown key (exit 2)."""
+    from omegaconf.errors import ConfigAttributeError
+
+    from nnctl.engine import Engine
+
+    def typo(self: Engine) -> None:
+        return self.cfg.trainer.max_epoch
+
+    monkeypatch.setattr(Engine, "fit", typo)
+    with pytest.raises(ConfigAttributeError):
+        main(["train", *TINY])
+
+
+def test_train_help_lists_groups_and_options(capsys: pytest.CaptureFixture) -> None:
+    try:
+        code = main(["train", "--help"])
+    except SystemExit as exc:  # Hydra's help may exit by itself
+        code = exc.code or 0
+    out = capsys.readouterr().out
+    assert code == 0
+    for group, options in (("model", "cnn.*mlp.*resnet"), ("optimizer", "adam.*sgd"), ("data", "digits.*synthetic"),
+                           ("scheduler", "cosine.*warmup_cosine"), ("trainer/early_stopping", "default, off")):
+        assert re.search(rf"^{group}: .*{options}", out, re.MULTILINE), (group, out)
+
+
+def test_user_message_without_run_context() -> None:
+    """user_message also works when called outside run() (e.g. by a sweep job or a test)."""
+    from nnctl.commands import user_message
+    from nnctl.errors import UserError
+
+    assert user_message(UserError("got 0; expected 1", key="x")) == "x: got 0; expected 1"
+    assert user_message(UserError("two\n   lines")) == "two lines"
+    assert user_message(ZeroDivisionError("bug")) is None
