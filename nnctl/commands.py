@@ -92,7 +92,9 @@ def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         from hydra.types import RunMode
 
         hc = HydraConfig.get()
-        entry = {"num": hc.job.get("num"), "overrides": list(hc.overrides.task), "dir": hc.runtime.output_dir}
+        # resolve=False: an override such as x=${foo} must be reported by the task, not crash here
+        overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
+        entry = {"num": hc.job.get("num"), "overrides": overrides, "dir": hc.runtime.output_dir}
         JOBS.append(entry)
         if hc.mode == RunMode.MULTIRUN:  # jobs share one terminal: per-epoch lines instead of live bars
             if "progress" in cfg.get("trainer", {}):

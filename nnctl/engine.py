@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from nnctl import checkpoint as ck
 from nnctl.ema import EMA
 from nnctl.errors import Interrupted, UserError
+from nnctl.metrics import Averages
 from nnctl.reporting import TensorBoard, console, epoch_progress, print_metrics, write_json
 from nnctl.runtime import pick_device, seed_everything
 from nnctl.schedulers import current_lr
@@ -52,23 +53,6 @@ class Tracker:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.best, self.bad_checks = float(state["best"]), int(state["bad_checks"])
-
-
-class RunningSums:
-    """Per-epoch sums of batch statistics, kept as device tensors so the step loop never waits on the device."""
-
-    def __init__(self, state: dict[str, torch.Tensor] | None = None) -> None:
-        self.sums: dict[str, torch.Tensor] = dict(state or {})
-
-    def add(self, loss: torch.Tensor, stats: dict[str, torch.Tensor], n: int) -> None:
-        for name, value in (("loss", loss.detach()), *stats.items()):
-            value = value.detach().float() * n
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.sums["_n"] = self.sums.get("_n", torch.zeros((), device=loss.device)) + n
-
-    def means(self, prefix: str) -> dict[str, float]:
-        n = max(1.0, float(self.sums.get("_n", 0)))
-        return {f"{prefix}/{k}": float(v) / n for k, v in self.sums.items() if not k.startswith("_")}
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict[str, Any]]:
@@ -104,7 +88,7 @@ class Engine:
         self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode)
         self.stopper = Tracker(t.early_stopping.monitor, t.early_stopping.mode, t.early_stopping.min_delta)
         self.history: dict[str, dict[str, float]] = {}
-        self.sums = RunningSums()
+        self.sums = Averages()
         self.optimizer: torch.optim.Optimizer | None = None
         self._signal: int | None = None
         self._bad_steps, self._last_finite = 0, float("nan")
@@ -166,7 +150,8 @@ class Engine:
                             loss, stats = self.objective.training_step(self.model, batch)
                         # scaled backward; gradients add up over grad_accum_steps micro-batches
                         self.scaler.scale(loss / accum).backward()
-                        self.sums.add(loss, stats, len(batch[1]))  # on device: no host sync
+                        n = len(batch[1])
+                        self.sums.add(n, {k: v * n for k, v in {"loss": loss, **stats}.items()})  # no host sync
                         if (i + 1) % accum:
                             continue
                         # clip, step (skipped on a non-finite loss or fp16 overflow), zero grads, schedule, EMA
@@ -186,8 +171,8 @@ class Engine:
                             break
                 # validation, epoch-level schedule, checkpoints, early stopping
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                metrics = {**self.sums.means("train"), **self.evaluate("val")}
-                self.sums = RunningSums()
+                metrics = {**self.sums.means("train/"), **self.evaluate("val")}
+                self.sums = Averages()
                 self.schedule.after_epoch(metrics)
                 tb.scalars(metrics, self.step)
                 self._checkpoint(metrics)
@@ -243,7 +228,7 @@ class Engine:
             grads = [p.grad for p in self.net.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         samples_per_s = window.rate(self.step, self.cfg.data.batch_size * self.cfg.trainer.grad_accum_steps)
-        running = self.sums.means("train")
+        running = self.sums.means("train/")
         scalars = {"train/loss_running": running["train/loss"], "lr": current_lr(self.optimizer),
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": samples_per_s}
         tb.scalars(scalars, self.step)
@@ -289,13 +274,13 @@ class Engine:
         model = self.ema.module if self.ema is not None else self.model
         was_training = model.training
         model.eval()
-        metrics = self.objective.eval_metrics().to(self.device)
+        metrics = Averages()
         limit = self.batches_per_epoch("val") if split == "val" else None
         for batch in self.data.eval_batches(split, limit):
             with self.precision.autocast(self.device):
                 self.objective.eval_update(model, batch, metrics, self.cfg.eval.tta)
         model.train(was_training)
-        return {f"{split}/{k}": float(v) for k, v in metrics.compute().items()}
+        return metrics.means(f"{split}/")
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self, metrics: dict[str, float]) -> dict[str, Any]:
@@ -309,7 +294,7 @@ class Engine:
             ck.SCALER: self.scaler.state_dict(),
             ck.EPOCH: self.epoch, ck.STEP: self.step, ck.BATCH_IN_EPOCH: self.batch_in_epoch,
             ck.TRACKERS: {"best": self.best.state_dict(), "early_stopping": self.stopper.state_dict(),
-                          "history": self.history, "epoch_sums": self.sums.sums},
+                          "history": self.history, "epoch_sums": self.sums.state_dict()},
             ck.METRICS: metrics,
             ck.RNG: ck.rng_state(),
             ck.EXTRA: {"train_model": self.net.state_dict(), "ema_updates": self.ema.updates}
@@ -338,7 +323,7 @@ class Engine:
         self.best.load_state_dict(trackers["best"])
         self.stopper.load_state_dict(trackers["early_stopping"])
         self.history = trackers["history"]
-        self.sums = RunningSums(trackers["epoch_sums"])
+        self.sums = Averages(trackers["epoch_sums"])
         ck.set_rng_state(state[ck.RNG])
 
     def _checkpoint(self, metrics: dict[str, float]) -> None:

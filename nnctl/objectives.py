@@ -1,7 +1,7 @@
 """Training objectives: what a batch means to a model (loss and metrics), kept out of the engine loop.
 
-An objective turns (model, batch) into a loss and per-batch statistics, and builds the evaluation metrics.
-The engine only calls `training_step`, `eval_metrics` and `eval_update`, so regression, language modelling or
+An objective turns (model, batch) into a loss and per-batch statistics, and adds evaluation sums to running
+averages. The engine only calls `training_step` and `eval_update`, so regression, language modelling or
 generative objectives plug in with their own class and `objective/<name>.yaml`, without touching the loop.
 """
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchmetrics
+
+from nnctl.metrics import Averages
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -20,12 +21,8 @@ class Objective(Protocol):
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward pass and loss. Returns (loss, {metric name: detached per-batch value}), all on device."""
 
-    def eval_metrics(self) -> torchmetrics.MetricCollection:
-        """Fresh metrics for one evaluation pass (names without the split prefix)."""
-
-    def eval_update(self, model: nn.Module, batch: Batch, metrics: torchmetrics.MetricCollection,
-                    tta: str | bool | None) -> None:
-        """Run the model on an evaluation batch and update `metrics`."""
+    def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
+        """Run the model on an evaluation batch; add its per-sample sums to `metrics` (names unprefixed)."""
 
 
 def _plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -75,23 +72,12 @@ class Classification:
     def predict(self, model: nn.Module, x: torch.Tensor, tta: str | bool | None) -> torch.Tensor:
         return tta_mode(tta)(model, x)  # [B, num_classes]
 
-    def eval_metrics(self) -> torchmetrics.MetricCollection:
-        from torchmetrics.classification import MulticlassAccuracy
-
-        metrics: dict[str, torchmetrics.Metric] = {
-            "loss": torchmetrics.MeanMetric(),
-            "acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-        }
-        if self.num_classes > 5:
-            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
-        return torchmetrics.MetricCollection(metrics)
-
-    def eval_update(self, model: nn.Module, batch: Batch, metrics: torchmetrics.MetricCollection,
-                    tta: str | bool | None) -> None:
+    def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
         x, y = batch
         logits = self.predict(model, x, tta).float()  # [B, num_classes]
         # Unsmoothed cross entropy: evaluation loss stays comparable across label_smoothing settings.
-        metrics["loss"].update(F.cross_entropy(logits, y, reduction="sum") / len(y), weight=len(y))
-        for name, metric in metrics.items():
-            if name != "loss":
-                metric.update(logits, y)
+        sums = {"loss": F.cross_entropy(logits, y, reduction="sum"), "acc": (logits.argmax(1) == y).sum()}
+        if self.num_classes > 5:
+            top5 = logits.topk(5, dim=1).indices  # [B, 5]
+            sums["acc_top5"] = (top5 == y[:, None]).any(dim=1).sum()
+        metrics.add(len(y), sums)

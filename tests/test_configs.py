@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import fixtures as fx
 from nnctl.engine import Engine, Tracker, param_groups
 from nnctl.errors import UserError
+from nnctl.metrics import Averages
 from nnctl.validate import validate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -324,10 +325,14 @@ def test_every_objective_gives_a_loss_and_metrics(option: str) -> None:
     batch = (torch.randn(16, 1, 8, 8), torch.arange(16) % 10)
     loss, stats = objective.training_step(model, batch)
     assert loss.ndim == 0 and math.isfinite(float(loss)) and 0.0 <= float(stats["acc"]) <= 1.0
-    metrics = objective.eval_metrics()
+    metrics = Averages()
     objective.eval_update(model, batch, metrics, tta=False)
-    values = {k: float(v) for k, v in metrics.compute().items()}
+    values = metrics.means()
     assert set(values) == {"loss", "acc", "acc_top5"} and values["acc"] <= values["acc_top5"] <= 1.0
+    # the averages are exact per-sample means over the batch
+    logits = model(batch[0])
+    assert values["acc"] == pytest.approx(float((logits.argmax(1) == batch[1]).float().mean()))
+    assert values["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, batch[1])), rel=1e-5)
 
 
 # -- debug, experiment, trainer sub-groups ----------------------------------------------------------------------------
