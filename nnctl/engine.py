@@ -34,15 +34,16 @@ log = logging.getLogger(__name__)
 class Tracker:
     """Best value of a monitored metric, and how many checks in a row failed to improve it."""
 
-    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0) -> None:
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0, key: str = "monitor") -> None:
         self.monitor, self.sign, self.min_delta = monitor, (1.0 if mode == "max" else -1.0), min_delta
+        self.key = key  # the config key that named the monitor, for error messages
         self.best, self.bad_checks = -math.inf, 0
 
     def update(self, metrics: dict[str, float]) -> bool:
         """Record this check's value; True when it is the best so far."""
         if self.monitor not in metrics:
             raise UserError(f"metric {self.monitor!r} is not produced by this run; choose one of "
-                            f"{', '.join(sorted(metrics))}", key="trainer.*.monitor")
+                            f"{', '.join(sorted(metrics))}", key=self.key)
         score = self.sign * metrics[self.monitor]
         improved = math.isfinite(score) and score > self.best + self.min_delta
         self.best, self.bad_checks = (score, 0) if improved else (self.best, self.bad_checks + 1)
@@ -85,8 +86,9 @@ class Engine:
         self.objective = instantiate(cfg.objective)(num_classes=self.data.num_classes)
         self.scaler = self.precision.grad_scaler(self.device)
         self.epoch = self.step = self.batch_in_epoch = 0
-        self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode)
-        self.stopper = Tracker(t.early_stopping.monitor, t.early_stopping.mode, t.early_stopping.min_delta)
+        self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode, key="trainer.checkpoint.monitor")
+        self.stopper = Tracker(t.early_stopping.monitor, t.early_stopping.mode, t.early_stopping.min_delta,
+                               key="trainer.early_stopping.monitor")
         self.history: dict[str, dict[str, float]] = {}
         self.sums = Averages()
         self.optimizer: torch.optim.Optimizer | None = None
@@ -385,9 +387,9 @@ def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     try:
         module.load_state_dict(weights)
     except RuntimeError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
-        raise UserError(f"the checkpoint's weights do not fit the configured model ({detail[:200]}); evaluate "
-                        "with the model config stored in the checkpoint", key="model") from None
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc)).rstrip(".")
+        raise UserError(f"the checkpoint's weights do not fit the model built from this config ({detail[:200]}); "
+                        "drop the model.* or data.* overrides that change layer shapes", key="model") from None
 
 
 def _split(metrics: dict[str, float], split: str) -> dict[str, float]:

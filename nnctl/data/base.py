@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nnctl.data.augment import Normalize, random_crop, random_hflip
+from nnctl.data.augment import Normalize, crop_flip
 from nnctl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,7 @@ class ImageData:
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = random_crop(x, self.crop_padding, gen)
-        return random_hflip(x, gen) if self.hflip else x
+        return crop_flip(x, self.crop_padding, self.hflip, gen)
 
     def _batches(self, x, y, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
         if self.resident:
