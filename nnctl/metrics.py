@@ -19,6 +19,10 @@ class Averages:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.sums["_n"] = int(self.sums.get("_n", 0)) + n
 
+    def add_means(self, n: int, loss: torch.Tensor, means: dict[str, torch.Tensor]) -> None:
+        """Add a batch of `n` samples given its mean loss and other per-sample means."""
+        self.add(n, {"loss": loss * n, **{k: v * n for k, v in means.items()}})
+
     def means(self, prefix: str = "") -> dict[str, float]:
         n = max(1, int(self.sums.get("_n", 0)))
         return {f"{prefix}{k}": float(v) / n for k, v in self.sums.items() if k != "_n"}
