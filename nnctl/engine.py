@@ -68,7 +68,7 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -
 class Engine:
     def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
         # Plain attributes, not OmegaConf nodes: a node lookup costs ~15 us, and the step loop reads several.
-        self.t = t = _namespace(OmegaConf.to_container(cfg.trainer, resolve=True))
+        self.t = t = _Settings(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer.")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = pick_device(t.device)
         seed_everything(t.seed, t.deterministic)
@@ -383,13 +383,21 @@ def _user_errors(group: str) -> Iterator[None]:
         raise UserError(f"{exc}; check the {group} settings (nnctl train --cfg job shows them)", key=group) from exc
 
 
-def _namespace(tree: Any) -> Any:
-    """Nested dicts -> nested SimpleNamespaces (attribute access like the config, at plain-Python speed)."""
-    from types import SimpleNamespace
+class _Settings:
+    """A config subtree as plain attributes. A missing key raises OmegaConf's error with its full key, so a
+    deleted required key (~trainer.max_epochs) is reported like any other config mistake."""
 
-    if isinstance(tree, dict):
-        return SimpleNamespace(**{k: _namespace(v) for k, v in tree.items()})
-    return tree
+    def __init__(self, tree: dict[str, Any], prefix: str) -> None:
+        self.__dict__["_prefix"] = prefix
+        for k, v in tree.items():
+            self.__dict__[k] = _Settings(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+
+    def __getattr__(self, name: str) -> Any:  # only reached for missing keys
+        from omegaconf.errors import ConfigAttributeError
+
+        exc = ConfigAttributeError(f"Missing key {name}")
+        exc.full_key = f"{self.__dict__['_prefix']}{name}"
+        raise exc
 
 
 def _load_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -138,7 +138,8 @@ CASES = [
     case("eval-foreign-dict", ["eval", "ckpt={files}/foreign.pt"], r"ckpt: .*foreign\.pt is not an nnctl checkpoint"),
     case("eval-malicious-pickle", ["eval", "ckpt={files}/evil.pt"], r"ckpt: .*evil\.pt was refused for safety"),
     case("eval-weights-do-not-fit", ["eval", "ckpt={files}/mismatch.pt"],
-         r"model: the checkpoint's weights do not fit the configured model"),
+         r"model: the checkpoint's weights do not fit the model built from this config \(size mismatch.*\); "
+         r"drop the model\.\* or data\.\* overrides"),
     case("eval-split-train", ["eval", "ckpt={run}", "split=train"], r"split: got 'train'; expected test or val"),
     case("eval-unknown-key", ["eval", "ckpt={run}", "data.batchsize=3"],
          r"data\.batchsize: unknown key \(did you mean 'data\.batch_size'\?\)"),
