@@ -8,7 +8,8 @@ Starting from the bare loop of bench/engine_overhead.py, each rung adds one thin
   +data       batches from nnctl's ImageData.train_batches (uint8 gather, normalize, .contiguous), augmentation off
   +acc        train accuracy in the objective: (logits.detach().argmax(1) == y).float().mean()
   +div        backward of `loss / grad_accum_steps` (an extra op and autograd node even when accum == 1)
-  +sums       RunningSums.add(loss, {"acc": acc}, n): detach/float/mul/add per statistic, a tensor count
+  +sums       the running sums (nnctl.metrics.Averages.add(n, {"loss": loss * n, "acc": acc * n})): a mul,
+              detach, float and add per statistic
   +cfg        the DictConfig reads of the hot loop: t.log_every_n_steps, self.cfg.trainer, t.grad_clip_norm
   +isfinite   float(loss) + math.isfinite per step (the non-finite-loss guard)
   +log        every log_every_n_steps (and at epoch end): total grad norm, running means, 4 TensorBoard
@@ -40,10 +41,24 @@ from bench.engine_overhead import build, instrument
 RUNGS = ["bare", "+data", "+acc", "+div", "+sums", "+cfg", "+isfinite", "+log"]
 
 
+def accumulator():
+    """The engine's running-average accumulator, called the way Engine.fit calls it: (add(loss, stats, n), means())."""
+    try:
+        from nnctl.metrics import Averages
+    except ImportError:  # the first version of the engine
+        from nnctl.engine import RunningSums
+
+        sums = RunningSums()
+        return (lambda loss, stats, n: sums.add(loss, stats, n)), (lambda: sums.means("train"))
+    averages = Averages()
+    if hasattr(averages, "add_means"):
+        return (lambda loss, stats, n: averages.add_means(n, loss, stats)), (lambda: averages.means("train/"))
+    return ((lambda loss, stats, n: averages.add(n, {k: v * n for k, v in {"loss": loss, **stats}.items()})),
+            (lambda: averages.means("train/")))
+
+
 def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, task) -> tuple[float, int]:
     """One epoch of the bare loop with the first `level` rungs of RUNGS switched on."""
-    from nnctl.engine import RunningSums
-
     model, opt, sched, bare = st["model"], st["opt"], st["sched"], st["bare"]
     cfg, t = engine.cfg, engine.cfg.trainer
     accum, log_every = 1, int(t.log_every_n_steps)
@@ -54,7 +69,7 @@ def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, ta
         n_batches = len(bare.y) // bare.batch_size
         order = torch.randperm(len(bare.y), generator=bare.gen)[: n_batches * bare.batch_size].view(n_batches, -1)
         batches = ((bare.x[idx], bare.y[idx]) for idx in order)
-    sums = RunningSums()
+    add, means = accumulator()
     model.train()
     steps = 0
     n_batches = engine.data.num_batches("train")
@@ -64,7 +79,7 @@ def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, ta
         stats = {"acc": (logits.detach().argmax(dim=1) == yb).float().mean()} if level >= 2 else {}
         (loss / accum if level >= 3 else loss).backward()
         if level >= 4:
-            sums.add(loss, stats, len(yb))
+            add(loss, stats, len(yb))
         if level >= 5:
             tt = cfg.trainer
             _ = (t.log_every_n_steps, tt.grad_clip_norm)
@@ -77,7 +92,7 @@ def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, ta
         if level >= 7 and (steps % log_every == 0 or steps == n_batches):
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            running = sums.means("train") if level >= 4 else {"train/loss": float(loss)}
+            running = means() if level >= 4 else {"train/loss": float(loss)}
             tb.scalars({"train/loss_running": running["train/loss"], "lr": opt.param_groups[0]["lr"],
                         "train/grad_norm": float(norm), "train/samples_per_s": 1.0}, steps)
             bar.update(task, completed=steps, stats=f"loss {running['train/loss']:.4f}")
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         class Ladder:  # runs every rung once per engine epoch, in rotating order, next to the engine's epoch
             def __init__(self) -> None:
-                self.epoch = 0
+                self.epoch, self.cpu_s = 0, 0.0
 
             def timed_epoch(self) -> tuple[float, int]:
                 k = self.epoch

@@ -19,7 +19,10 @@ batch of an epoch and stops when it asks for the batch after the last one, i.e. 
 and the end-of-epoch progress/TensorBoard update. Validation, checkpointing, test evaluation and setup are
 outside the window. The bare loop's epoch is timed the same way. Also shown, not judged: the ratio of the main
 thread's CPU time (time.thread_time) over the same windows, which a busy machine disturbs far less than wall time;
-with --threads 1 it covers all the work.
+with --threads 1 it covers all the work. And an A/A control: a second bare loop, identical to the first, runs
+next to them every epoch (odd epochs: bare, engine, copy; even epochs: copy, engine, bare); the median of
+copy/bare is the noise floor of this harness on this machine (1.00 on a quiet one). An engine/bare ratio within
+that distance of 1.00 cannot be told apart from no overhead.
 
 Interleaving: each bare epoch runs right next to the engine epoch with the same index (before it on odd epochs,
 after it on even ones), so each (engine, bare) pair sees the same machine load. The first `--warmup` epochs of
@@ -109,39 +112,53 @@ class BareLoop:
 
 def build(case: str, epochs: int, run_dir: str):
     """A fresh Engine from the composed config, and a BareLoop with a copy of its initial weights."""
-    from omegaconf import OmegaConf
-
     from nnctl.engine import Engine
 
     cfg = compose([*COMMON, *CASES[case]["overrides"], f"trainer.max_epochs={epochs}", f"paths.run_dir={run_dir}"])
     engine = Engine(cfg, run_dir)
     if not cfg.scheduler._target_.endswith("WarmupCosine"):
         raise SystemExit(f"the bare loop mirrors the default warmup_cosine schedule, not {cfg.scheduler._target_}")
+    return engine, make_bare(engine)
+
+
+def make_bare(engine) -> BareLoop:
+    """A bare loop over the engine's training images (normalized once) with a copy of the engine's weights."""
+    from omegaconf import OmegaConf
+
+    cfg = engine.cfg
     x, y = engine.data.splits["train"]
-    bare = BareLoop(copy.deepcopy(engine.model), engine.data.normalize(x), y.clone(), cfg.data.batch_size,
+    net = getattr(engine, "net", engine.model)  # the plain module, not a torch.compile wrapper
+    return BareLoop(copy.deepcopy(net), engine.data.normalize(x), y.clone(), cfg.data.batch_size,
                     OmegaConf.to_container(cfg.optimizer, resolve=True),
                     OmegaConf.to_container(cfg.scheduler, resolve=True), engine.total_steps(),
                     cfg.trainer.label_smoothing, cfg.trainer.seed)
-    return engine, bare
 
 
 def instrument(engine, bare: BareLoop, pairs: list[dict[str, float]],
-               hooks: tuple[Callable[[str], None], Callable[[str], None]] | None = None) -> None:
-    """Wrap engine.data.train_batches so each engine epoch is timed and paired with one bare epoch."""
+               hooks: tuple[Callable[[str], None], Callable[[str], None]] | None = None,
+               control: BareLoop | None = None) -> None:
+    """Wrap engine.data.train_batches so each engine epoch is timed and paired with one bare epoch (and one epoch
+    of an identical second bare loop, `control`, whose ratio to the first is the harness's noise floor)."""
     original = engine.data.train_batches
     start_hook, stop_hook = hooks or (lambda who: None, lambda who: None)
+    timed: dict[str, tuple[float, int, float]] = {}
 
-    def bare_epoch() -> tuple[float, int]:
-        start_hook("bare")
+    def run(loop: BareLoop | None) -> None:
+        if loop is None:
+            return
+        who = "bare" if loop is bare else "control"
+        start_hook(who)
         try:
-            return bare.timed_epoch()
+            seconds, steps = loop.timed_epoch()
         finally:
-            stop_hook("bare")
+            stop_hook(who)
+        timed[who] = (seconds, steps, loop.cpu_s)
 
     def train_batches(epoch: int, seed: int, start: int = 0, stop: int | None = None):
-        bare_first = epoch % 2 == 1
-        if bare_first:
-            bare_s, bare_steps = bare_epoch()
+        # odd epochs: bare, engine, control; even epochs: control, engine, bare
+        before, after = (bare, control) if epoch % 2 == 1 else (control, bare)
+        timed.clear()
+        run(before)
         steps = 0
         start_hook("engine")
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -153,26 +170,35 @@ def instrument(engine, bare: BareLoop, pairs: list[dict[str, float]],
             pass
         engine_s, engine_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
         stop_hook("engine")
-        if not bare_first:
-            bare_s, bare_steps = bare_epoch()
+        run(after)
+        bare_s, bare_steps, bare_cpu_s = timed["bare"]
         if steps != bare_steps:
             raise RuntimeError(f"engine ran {steps} steps, bare loop {bare_steps}: not comparable")
-        pairs.append({"epoch": epoch, "steps": steps, "engine_s": engine_s, "bare_s": bare_s,
-                      "engine_cpu_s": engine_cpu_s, "bare_cpu_s": getattr(bare, "cpu_s", None)})
+        pair = {"epoch": epoch, "steps": steps, "engine_s": engine_s, "bare_s": bare_s,
+                "engine_cpu_s": engine_cpu_s, "bare_cpu_s": bare_cpu_s}
+        if "control" in timed:
+            pair["control_s"] = timed["control"][0]
+        pairs.append(pair)
 
     engine.data.train_batches = train_batches
 
 
-def run_case(case: str, epochs: int, repeats: int, warmup: int) -> dict[str, Any]:
+def run_case(case: str, epochs: int, repeats: int, warmup: int, max_seconds: float,
+             control: bool = True) -> dict[str, Any]:
     from nnctl.reporting import console
 
     console.quiet = True  # epoch lines and the final table are outside the timed window; keep the output short
     pairs: list[dict[str, float]] = []
+    started, done = time.perf_counter(), 0
     for r in range(repeats):
+        if r >= 2 and time.perf_counter() - started > max_seconds:
+            print(f"  {case}: stopping after {r} repeats: over the {max_seconds:.0f} s budget (a busy machine?)")
+            break
+        done = r + 1
         with tempfile.TemporaryDirectory(prefix="nnctl-bench-") as run_dir:
             engine, bare = build(case, epochs, run_dir)
             mine: list[dict[str, float]] = []
-            instrument(engine, bare, mine)
+            instrument(engine, bare, mine, control=make_bare(engine) if control else None)
             engine.fit()
             kept = [dict(p, repeat=r) for p in mine if p["epoch"] >= warmup]
             pairs += kept
@@ -184,10 +210,11 @@ def run_case(case: str, epochs: int, repeats: int, warmup: int) -> dict[str, Any
     bare_ms = [1e3 * p["bare_s"] / p["steps"] for p in pairs]
     overhead_us = [1e6 * (p["engine_s"] - p["bare_s"]) / p["steps"] for p in pairs]
     return {
-        "case": case, "label": CASES[case]["label"], "epochs": epochs, "repeats": repeats, "warmup_epochs": warmup,
+        "case": case, "label": CASES[case]["label"], "epochs": epochs, "repeats": done, "warmup_epochs": warmup,
         "steps_per_epoch": pairs[0]["steps"] if pairs else None, "pairs": len(pairs),
         "engine_ms_per_step": median(engine_ms), "bare_ms_per_step": median(bare_ms),
         "ratio_median": median(ratios),
+        "control_ratio_median": median(p["control_s"] / p["bare_s"] for p in pairs if "control_s" in p),
         "cpu_ratio_median": median(p["engine_cpu_s"] / p["bare_cpu_s"] for p in pairs),
         "ratio_of_min": min(engine_ms) / min(bare_ms) if pairs else float("nan"),
         "overhead_us_per_step": median(overhead_us),
@@ -232,11 +259,13 @@ def profile_case(case: str, epochs: int, top: int) -> dict[str, Any]:
     return out
 
 
-def op_counts(case: str, epochs: int = 3) -> dict[str, Any]:
-    """Torch operators recorded per training step in the last epoch, engine vs bare (torch.profiler, CPU)."""
+def op_counts(case: str, epochs: int = 5, profiled: int = 3) -> dict[str, Any]:
+    """Torch operators per training step over the last `profiled` epochs, engine vs bare (torch.profiler, CPU):
+    how many each launches from Python, and the self CPU time per operator (are the same kernels slower?)."""
     from torch.profiler import ProfilerActivity, profile
 
     counts: dict[str, Counter] = {"engine": Counter(), "bare": Counter()}
+    self_us: dict[str, Counter] = {"engine": Counter(), "bare": Counter()}
     steps: dict[str, int] = {"engine": 0, "bare": 0}
     active: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="nnctl-bench-") as run_dir:
@@ -244,7 +273,7 @@ def op_counts(case: str, epochs: int = 3) -> dict[str, Any]:
         pairs: list[dict[str, float]] = []
 
         def start(who: str) -> None:
-            if engine.epoch == epochs - 1:  # the last epoch only: everything is warm
+            if engine.epoch >= epochs - profiled:  # the last epochs only: everything is warm
                 active[who] = profile(activities=[ProfilerActivity.CPU])
                 active[who].__enter__()
 
@@ -253,12 +282,13 @@ def op_counts(case: str, epochs: int = 3) -> dict[str, Any]:
             if prof is not None:
                 prof.__exit__(None, None, None)
                 for ev in prof.events():
+                    self_us[who][ev.name] += ev.self_cpu_time_total
                     if ev.cpu_parent is None:  # top-level operators only (what Python launched)
                         counts[who][ev.name] += 1
 
         instrument(engine, bare, pairs, hooks=(start, stop))
         engine.fit()
-        steps["engine"] = steps["bare"] = pairs[-1]["steps"]
+        steps["engine"] = steps["bare"] = sum(p["steps"] for p in pairs[-profiled:])
     rows = []
     for name in sorted(set(counts["engine"]) | set(counts["bare"]),
                        key=lambda n: -(counts["engine"][n] - counts["bare"][n])):
@@ -270,8 +300,19 @@ def op_counts(case: str, epochs: int = 3) -> dict[str, Any]:
     total_e = sum(counts["engine"].values()) / steps["engine"]
     total_b = sum(counts["bare"].values()) / steps["bare"]
     print(f"total top-level ops per step: engine {total_e:.1f}, bare {total_b:.1f}")
+    top = sorted(set(self_us["engine"]) | set(self_us["bare"]),
+                 key=lambda n: -max(self_us["engine"][n], self_us["bare"][n]))[:20]
+    time_rows = [(n, self_us["engine"][n] / steps["engine"], self_us["bare"][n] / steps["bare"],
+                  (self_us["engine"][n] / steps["engine"]) - (self_us["bare"][n] / steps["bare"])) for n in top]
+    total_te = sum(self_us["engine"].values()) / steps["engine"]
+    total_tb = sum(self_us["bare"].values()) / steps["bare"]
+    print(f"\n=== self CPU time per step of the costliest operators, {case} (us; profiler-inflated) ===")
+    print(table(["op", "engine us/step", "bare us/step", "extra us"], time_rows))
+    print(f"all recorded operators: engine {total_te:,.0f} us/step, bare {total_tb:,.0f} us/step")
     return {"engine_total": total_e, "bare_total": total_b,
-            "differing": [{"op": r[0], "engine": r[1], "bare": r[2]} for r in rows]}
+            "differing": [{"op": r[0], "engine": r[1], "bare": r[2]} for r in rows],
+            "self_cpu_us_per_step": {"engine": total_te, "bare": total_tb,
+                                     "top": [{"op": r[0], "engine": r[1], "bare": r[2]} for r in time_rows]}}
 
 
 def _trim_pstats(text: str) -> str:
@@ -286,7 +327,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, help="fresh engine runs per case (default: per case)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: per case)")
     parser.add_argument("--warmup", type=int, default=2, help="epochs dropped at the start of every run")
+    parser.add_argument("--max-seconds", type=float, default=240,
+                        help="per case: no new repeat starts after this many seconds (at least 2 run)")
     parser.add_argument("--threads", type=int, default=cpu_count(), help="torch.set_num_threads for both")
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help="skip the A/A control (a second, identical bare loop: the harness's noise floor)")
     parser.add_argument("--profile", action="store_true", help="also profile one run per case (cProfile, ops)")
     parser.add_argument("--top", type=int, default=30, help="functions shown per cProfile listing")
     args = parser.parse_args(argv)
@@ -298,21 +343,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epochs = args.epochs or (max(args.warmup + 2, spec["epochs"] // 4) if args.quick else spec["epochs"])
         repeats = args.repeats or (2 if args.quick else spec["repeats"])
         print(f"{case}: {spec['label']}, {repeats} repeat(s) x {epochs} epochs, {args.threads} thread(s)")
-        results.append(run_case(case, epochs, repeats, args.warmup))
+        results.append(run_case(case, epochs, repeats, args.warmup, args.max_seconds, args.control))
     profiles = {}
     if args.profile:
         for case in args.cases:
             profiles[case] = profile_case(case, max(4, args.warmup + 2), args.top)
     rows = [(r["label"], r["steps_per_epoch"], r["pairs"], r["bare_ms_per_step"], r["engine_ms_per_step"],
-             r["overhead_us_per_step"], r["ratio_median"], r["ratio_of_min"], r["cpu_ratio_median"])
-            for r in results]
+             r["overhead_us_per_step"], r["ratio_median"], r["ratio_of_min"], r["cpu_ratio_median"],
+             r["control_ratio_median"]) for r in results]
     text = table(["case", "steps/epoch", "pairs", "bare ms/step", "engine ms/step", "overhead us/step",
-                  "engine/bare (median)", "engine/bare (min)", "main-thread CPU engine/bare"], rows)
+                  "engine/bare (median)", "engine/bare (min)", "main-thread CPU engine/bare",
+                  "A/A: bare copy/bare"], rows)
     print("\n" + text)
     met = all(r["ratio_median"] <= GOAL_RATIO for r in results)
     goal = f"engine time per step within {100 * (GOAL_RATIO - 1):.0f}% of the bare loop (ratio <= {GOAL_RATIO})"
     print(f"goal: {goal}: {verdict(met)}")
     summary = {r["case"]: {k: r[k] for k in ("label", "ratio_median", "ratio_of_min", "cpu_ratio_median",
+                                             "control_ratio_median",
                                              "engine_ms_per_step",
                                              "bare_ms_per_step", "overhead_us_per_step")} for r in results}
     result = {"goal": goal, "met": met, "quick": args.quick, "threads": args.threads, "table": text,

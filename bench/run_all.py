@@ -1,6 +1,6 @@
 """Run every benchmark (each in its own process) and write bench/RESULTS.md.
 
-    python -m bench.run_all                  # everything at full settings (about 20-30 min on 2 CPU cores)
+    python -m bench.run_all                  # everything at full settings (~17 min on a quiet 2-core machine)
     python -m bench.run_all --quick          # reduced repeats: checks the scripts, noisy numbers
     python -m bench.run_all --only startup data_pipeline
     make bench                               # installs the `bench` extra (lightning) first

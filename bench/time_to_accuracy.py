@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if overrides:
         met = None  # a shortened run checks the script; it says nothing about the goal
         print(f"note: overrides {' '.join(overrides)} were given: a check of the script, the goal is not judged")
-    print(f"goal: {goal}: {verdict(met)}")
+    print(f"goal: {goal}: {'NOT JUDGED (script check)' if met is None else verdict(met)}")
     result = {"goal": goal, "met": met, "quick": args.quick, "overrides": overrides, "table": text,
               "test_acc": acc, "wall_s": wall,
               "train_seconds": metrics.get("train_seconds"), "epochs": metrics.get("epochs"),
