@@ -7,6 +7,7 @@ schedule, and how numbers are shown belongs to `reporting`, so the loop stays th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import signal
@@ -118,8 +119,6 @@ class Engine:
                             "accumulation", key="trainer.grad_accum_steps")
         build = instantiate(self.cfg.optimizer)  # a partial: parameters come from the model
         groups = param_groups(self.net, build.keywords.get("weight_decay", 0.0), t.decay_norm_bias)
-        import inspect
-
         if self.device.type == "cuda" and "fused" in inspect.signature(build.func).parameters:
             build.keywords.setdefault("fused", True)  # one kernel for the whole update instead of one per tensor
         with _user_errors("optimizer"):  # torch validates its arguments here (betas, eps, ...)

@@ -1,7 +1,6 @@
 """Crash safety and exact resumption: kill -9, SIGTERM, non-finite losses, resume=auto, atomic checkpoints."""
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
