@@ -5,12 +5,10 @@ Starting from the bare loop of bench/engine_overhead.py, each rung adds one thin
 
   bare        forward, cross_entropy, backward, AdamW step, zero_grad(set_to_none), LambdaLR step, over
               pre-normalized float tensors
-  +data       batches from nnctl's ImageData.train_batches (uint8 gather, normalize, .contiguous), augmentation off
-  +acc        train accuracy in the objective: (logits.detach().argmax(1) == y).float().mean()
-  +div        backward of `loss / grad_accum_steps` (an extra op and autograd node even when accum == 1)
-  +sums       the running sums (nnctl.metrics.Averages.add(n, {"loss": loss * n, "acc": acc * n})): a mul,
-              detach, float and add per statistic
-  +cfg        the DictConfig reads of the hot loop: t.log_every_n_steps, self.cfg.trainer, t.grad_clip_norm
+  +data       batches from nnctl's ImageData.train_batches (augmentation off: slices of the split normalized once)
+  +acc        train accuracy in the objective: (logits.detach().argmax(1) == y).sum(), a count
+  +sums       the running sums (nnctl.metrics.Averages.add(n, {"acc": count}, {"loss": loss})): one in-place add
+              per statistic
   +isfinite   float(loss) + math.isfinite per step (the non-finite-loss guard)
   +log        every log_every_n_steps (and at epoch end): total grad norm, running means, 4 TensorBoard
               scalars, a (disabled) progress-bar update
@@ -38,30 +36,22 @@ import torch.nn.functional as F
 from bench._common import base_parser, median, table, write_result
 from bench.engine_overhead import build, instrument
 
-RUNGS = ["bare", "+data", "+acc", "+div", "+sums", "+cfg", "+isfinite", "+log"]
+RUNGS = ["bare", "+data", "+acc", "+sums", "+isfinite", "+log"]
 
 
 def accumulator():
     """The engine's running-average accumulator, called the way Engine.fit calls it: (add(loss, stats, n), means())."""
-    try:
-        from nnctl.metrics import Averages
-    except ImportError:  # the first version of the engine
-        from nnctl.engine import RunningSums
+    from nnctl.metrics import Averages
 
-        sums = RunningSums()
-        return (lambda loss, stats, n: sums.add(loss, stats, n)), (lambda: sums.means("train"))
     averages = Averages()
-    if hasattr(averages, "add_means"):
-        return (lambda loss, stats, n: averages.add_means(n, loss, stats)), (lambda: averages.means("train/"))
-    return ((lambda loss, stats, n: averages.add(n, {k: v * n for k, v in {"loss": loss, **stats}.items()})),
-            (lambda: averages.means("train/")))
+    return (lambda loss, stats, n: averages.add(n, stats, {"loss": loss})), (lambda: averages.means("train/"))
 
 
 def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, task) -> tuple[float, int]:
     """One epoch of the bare loop with the first `level` rungs of RUNGS switched on."""
     model, opt, sched, bare = st["model"], st["opt"], st["sched"], st["bare"]
-    cfg, t = engine.cfg, engine.cfg.trainer
-    accum, log_every = 1, int(t.log_every_n_steps)
+    t = engine.cfg.trainer
+    log_every = int(t.log_every_n_steps)
     start = time.thread_time()
     if level >= 1:
         batches = st["train_batches"](epoch, int(t.seed))
@@ -76,23 +66,20 @@ def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, ta
     for i, (xb, yb) in enumerate(batches):
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
-        stats = {"acc": (logits.detach().argmax(dim=1) == yb).float().mean()} if level >= 2 else {}
-        (loss / accum if level >= 3 else loss).backward()
-        if level >= 4:
+        stats = {"acc": (logits.detach().argmax(dim=1) == yb).sum()} if level >= 2 else {}
+        loss.backward()
+        if level >= 3:
             add(loss, stats, len(yb))
-        if level >= 5:
-            tt = cfg.trainer
-            _ = (t.log_every_n_steps, tt.grad_clip_norm)
-        if level >= 6:
+        if level >= 4:
             math.isfinite(float(loss.detach()))
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         steps += 1
-        if level >= 7 and (steps % log_every == 0 or steps == n_batches):
+        if level >= 5 and (steps % log_every == 0 or steps == n_batches):
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            running = means() if level >= 4 else {"train/loss": float(loss)}
+            running = means() if level >= 3 else {"train/loss": float(loss)}
             tb.scalars({"train/loss_running": running["train/loss"], "lr": opt.param_groups[0]["lr"],
                         "train/grad_norm": float(norm), "train/samples_per_s": 1.0}, steps)
             bar.update(task, completed=steps, stats=f"loss {running['train/loss']:.4f}")

@@ -152,7 +152,7 @@ class Engine:
                             loss, stats = self.objective.training_step(self.model, batch)
                         # scaled backward; gradients add up over grad_accum_steps micro-batches
                         self.scaler.scale(loss / accum if accum > 1 else loss).backward()  # no extra node at 1
-                        self.sums.add_means(len(batch[1]), loss, stats)  # on device: no host sync
+                        self.sums.add(len(batch[1]), stats, {"loss": loss})  # on device: no host sync
                         if (i + 1) % accum:
                             continue
                         # clip, step (skipped on a non-finite loss or fp16 overflow), zero grads, schedule, EMA

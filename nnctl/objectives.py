@@ -19,7 +19,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 class Objective(Protocol):
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward pass and loss. Returns (loss, {metric name: detached per-batch value}), all on device."""
+        """Forward pass and mean loss. Returns (loss, {metric name: sum over the batch}), all on the device: the
+        engine averages the sums per sample (so `acc` is returned as a count of correct predictions)."""
 
     def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
         """Run the model on an evaluation batch; add its per-sample sums to `metrics` (names unprefixed)."""
@@ -66,8 +67,7 @@ class Classification:
         x, y = batch
         logits = model(x)  # [B, num_classes]
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        acc = (logits.detach().argmax(dim=1) == y).float().mean()
-        return loss, {"acc": acc}
+        return loss, {"acc": (logits.detach().argmax(dim=1) == y).sum()}  # a count: 3 ops, no divide
 
     def predict(self, model: nn.Module, x: torch.Tensor, tta: str | bool | None) -> torch.Tensor:
         return tta_mode(tta)(model, x)  # [B, num_classes]

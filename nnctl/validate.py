@@ -145,6 +145,10 @@ RULES: list[Rule] = [
     Rule("model.residual", BOOL, None, "true or false"),
     Rule("model.dropout", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. model.dropout=0.1"),
     Rule("model.activation", STR, _activation, _activations),
+    Rule("model.widths", LIST, _ints(1, min_len=1), "a non-empty list of integers >= 1, e.g. [32,64,128]"),
+    Rule("model.whiten_width", INT, lambda v: v >= 2, "an integer >= 2 or null (all eigenvectors)", nullable=True),
+    Rule("model.whiten_kernel", INT, lambda v: v >= 1, "an integer >= 1, e.g. 2"),
+    Rule("model.logit_scale", NUM, _positive, "a number > 0, e.g. 0.111"),
     # -- trainer --------------------------------------------------------------------------------------------------
     Rule("trainer.max_epochs", INT, lambda v: v >= 1, "an integer >= 1, e.g. trainer.max_epochs=5"),
     Rule("trainer.max_steps", INT, lambda v: v >= 1, "an integer >= 1 or null", nullable=True),

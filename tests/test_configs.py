@@ -324,13 +324,18 @@ def test_every_objective_gives_a_loss_and_metrics(option: str) -> None:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     batch = (torch.randn(16, 1, 8, 8), torch.arange(16) % 10)
     loss, stats = objective.training_step(model, batch)
-    assert loss.ndim == 0 and math.isfinite(float(loss)) and 0.0 <= float(stats["acc"]) <= 1.0
+    loss = loss.detach()
+    assert loss.ndim == 0 and math.isfinite(float(loss)) and 0 <= int(stats["acc"]) <= 16  # a count of correct
+    train_sums = Averages()
+    train_sums.add(16, stats, {"loss": loss})
+    train_sums.add(16, stats, {"loss": loss})
+    assert train_sums.means() == pytest.approx({"acc": int(stats["acc"]) / 16, "loss": float(loss)})
     metrics = Averages()
     objective.eval_update(model, batch, metrics, tta=False)
     values = metrics.means()
     assert set(values) == {"loss", "acc", "acc_top5"} and values["acc"] <= values["acc_top5"] <= 1.0
     # the averages are exact per-sample means over the batch
-    logits = model(batch[0])
+    logits = model(batch[0]).detach()
     assert values["acc"] == pytest.approx(float((logits.argmax(1) == batch[1]).float().mean()))
     assert values["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, batch[1])), rel=1e-5)
 

@@ -118,6 +118,12 @@ CASES = [
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     case("activation-unknown", ["train", "model.activation=swish"],
          r"model\.activation: got 'swish'; expected one of relu, gelu"),
+    case("airbench-activation-unknown", ["train", "model=airbench", "model.activation=swish"],
+         r"model\.activation: got 'swish'; expected one of relu, gelu"),
+    case("airbench-widths-empty", ["train", "model=airbench", "model.widths=[]"],
+         r"model\.widths: got \[\]; expected a non-empty list of integers >= 1"),
+    case("airbench-whiten-width-1", ["train", "model=airbench", "model.whiten_width=1"],
+         r"model\.whiten_width: got 1; expected an integer >= 2 or null"),
     # -- override syntax -----------------------------------------------------------------------------------------------
     case("syntax-unclosed-list", ["train", "trainer.max_epochs=[1,"],
          r"bad override 'trainer\.max_epochs=\[1,': .*write key=value"),

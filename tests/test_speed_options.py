@@ -82,3 +82,45 @@ def test_tta_setting_is_used_by_eval(tmp_path: Path) -> None:
         assert main(["eval", f"ckpt={run}", f"eval.tta={tta}", f"hydra.run.dir={tmp_path / tta}"]) == 0
         out[tta] = json.loads((tmp_path / tta / "metrics.json").read_text())["test"]["loss"]
     assert out["true"] != out["false"]
+
+
+def test_airbench_whitening_layer_decorrelates_patches() -> None:
+    from nnctl.models.airbench import AirBench
+
+    # Smooth random images: neighbouring pixels (and channels) correlate strongly, as in real photos.
+    x = torch.rand(256, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.avg_pool2d(x + x.mean(dim=1, keepdim=True), 3, stride=1, padding=1)
+    net = AirBench((3, 16, 16), 10, widths=[8, 8, 8])
+    assert net.whiten.out_channels == 2 * 3 * 2 * 2  # null width: every eigenvector and its negative
+    assert AirBench((1, 28, 28), 10, widths=[8, 8, 8]).whiten.out_channels == 8  # grayscale: no dead filters
+    raw = torch.nn.functional.unfold(x, 2).transpose(1, 2).reshape(-1, 12)  # [N*15*15, 12] patches
+    assert torch.cov(raw.T).fill_diagonal_(0).abs().max() > 0.01  # correlated before
+    net.init_from_data(x)
+    w = net.whiten.weight
+    assert torch.equal(w[12:], -w[:12]) and not w.requires_grad
+    out = torch.nn.functional.conv2d(x, w[:12]).permute(0, 2, 3, 1).reshape(-1, 12)  # [N*15*15, 12]
+    cov = torch.cov(out.T)
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    assert off_diagonal.abs().max() < 1e-3  # decorrelated after
+    assert torch.all(torch.diagonal(cov) <= 1.0 + 1e-3)  # unit variance, shrunk where eigenvalues are tiny
+    assert torch.diagonal(cov)[0] > 0.9
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_airbench_activation_is_configurable_and_trains(act: str) -> None:
+    from nnctl.models.airbench import AirBench
+
+    torch.manual_seed(0)
+    net = AirBench((1, 12, 12), 3, widths=[8, 8, 8], activation=act)
+    x, y = torch.randn(32, 1, 12, 12), torch.arange(32) % 3
+    net.init_from_data(x)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert type(net.act).__name__ == {"gelu": "GELU", "relu": "ReLU"}[act]

@@ -76,6 +76,7 @@ class ImageData:
         self.device = torch.device("cpu")
         self.memory_format = torch.contiguous_format  # the engine sets channels_last for NHWC conv nets
         self.splits: dict[str, tuple[torch.Tensor | Dataset, torch.Tensor]] = {}
+        self._float: dict[str, torch.Tensor | None] = {}  # splits normalized once (see _normalized)
 
     # -- implemented by each dataset ------------------------------------------------------------------------------
     def load(self) -> Arrays:
@@ -147,24 +148,39 @@ class ImageData:
         else:
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
         order = order[: n_batches * self.batch_size].view(n_batches, self.batch_size)[start:stop]
+        if self.overfit_batches or not (self.crop_padding > 0 or self.hflip):
+            yield from self._plain_batches("train", order)
+            return
         gen = torch.Generator(device=self.device)
-        augment = not self.overfit_batches
         for i, (xb, yb) in enumerate(self._batches(x, y, order), start=start):
-            if augment:
-                gen.manual_seed(_mix(seed, epoch, i))
-                xb = self._augment(xb, gen)
-            yield self.normalize(xb).contiguous(memory_format=self.memory_format), yb
+            gen.manual_seed(_mix(seed, epoch, i))
+            yield self.normalize(self._augment(xb, gen)).contiguous(memory_format=self.memory_format), yb
 
     def eval_batches(self, split: str, stop: int | None = None) -> Iterator[Batch]:
         """Normalized, unaugmented batches of `split` ('val' or 'test') in order."""
-        x, y = self.splits[split]
-        order = torch.arange(len(y)).split(self.eval_batch_size)[:stop]
-        for xb, yb in self._batches(x, y, order):
-            yield self.normalize(xb).contiguous(memory_format=self.memory_format), yb
+        order = torch.arange(len(self.splits[split][1])).split(self.eval_batch_size)[:stop]
+        yield from self._plain_batches(split, order)
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return crop_flip(x, self.crop_padding, self.hflip, gen)
+
+    def _plain_batches(self, split: str, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        """Unaugmented batches: slices of the split normalized once when it allows, else normalized per batch."""
+        x, y = self.splits[split]
+        ready = self._normalized(split)
+        for xb, yb in self._batches(x if ready is None else ready, y, order):
+            yield (self.normalize(xb) if ready is None else xb).contiguous(memory_format=self.memory_format), yb
+
+    def _normalized(self, split: str) -> torch.Tensor | None:
+        """`split` as one normalized float tensor, made on first use, when it is resident and the float copy
+        (4x the uint8 bytes) fits the max_memory_mb budget; else None. Unaugmented batches then cost one index op,
+        not three, which is most of the data work per step of a small model."""
+        if split not in self._float:
+            x = self.splits[split][0]
+            fits = self.resident and 4 * x.numel() <= self.max_memory_mb * 2**20
+            self._float[split] = self.normalize(x) if fits else None
+        return self._float[split]
 
     def _batches(self, x, y, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
         if self.resident:

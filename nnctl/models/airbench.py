@@ -1,5 +1,5 @@
 """Speed-run CNN in the style of Keller Jordan's airbench: a frozen patch-whitening first layer, three
-conv-pool-BN-GELU blocks and a max-pool head. Built for short, high-learning-rate runs."""
+conv-pool-BN-activation blocks (GELU by default) and a max-pool head. Built for short, high-learning-rate runs."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nnctl.models import activation as _activation
 
 
 class _BatchNorm(nn.BatchNorm2d):
@@ -18,8 +20,9 @@ class _BatchNorm(nn.BatchNorm2d):
 
 
 class _Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int, pool: bool) -> None:
+    def __init__(self, c_in: int, c_out: int, pool: bool, act: str) -> None:
         super().__init__()
+        self.act = _activation(act)
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding="same", bias=False)
         self.norm1 = _BatchNorm(c_out)
@@ -27,17 +30,19 @@ class _Block(nn.Module):
         self.norm2 = _BatchNorm(c_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.norm1(self.pool(self.conv1(x))))  # [B, c_out, H/2, W/2] (pooled while >= 2 px)
-        return F.gelu(self.norm2(self.conv2(x)))
+        x = self.act(self.norm1(self.pool(self.conv1(x))))  # [B, c_out, H/2, W/2] (pooled while >= 2 px)
+        return self.act(self.norm2(self.conv2(x)))
 
 
 class AirBench(nn.Module):
     def __init__(self, in_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (64, 256, 256),
-                 whiten_width: int = 24, whiten_kernel: int = 2, logit_scale: float = 1 / 9) -> None:
+                 whiten_width: int | None = None, whiten_kernel: int = 2, logit_scale: float = 1 / 9,
+                 activation: str = "gelu") -> None:
         super().__init__()
+        self.act = _activation(activation)
         c_in = in_shape[0]
         k = whiten_kernel
-        # Half the filters are the whitening eigenvectors, half their negatives (so GELU keeps both signs).
+        # Half the filters are the whitening eigenvectors, half their negatives (so the activation keeps both signs).
         self.whiten = nn.Conv2d(c_in, 2 * (c_in * k * k) if whiten_width is None else whiten_width, k, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.whiten.bias.requires_grad_(False)
@@ -45,7 +50,7 @@ class AirBench(nn.Module):
         sizes = [min(in_shape[1:]) - k + 1]
         for _ in widths:
             sizes.append(sizes[-1] // 2 if sizes[-1] >= 2 else sizes[-1])
-        self.blocks = nn.Sequential(*(_Block(a, b, pool=size >= 2)
+        self.blocks = nn.Sequential(*(_Block(a, b, pool=size >= 2, act=activation)
                                       for a, b, size in zip(chans[:-1], chans[1:], sizes)))
         self.head = nn.Linear(chans[-1], num_classes, bias=False)
         self.logit_scale = logit_scale
@@ -68,7 +73,7 @@ class AirBench(nn.Module):
         self.whiten.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.whiten(x))             # [B, C, H, W] -> [B, 24, H-1, W-1]
+        x = self.act(self.whiten(x))           # [B, C, H, W] -> [B, 2*C*k*k, H-k+1, W-k+1]
         x = self.blocks(x)                     # -> [B, widths[-1], H/8, W/8]
         x = F.adaptive_max_pool2d(x, 1).flatten(1)  # [B, widths[-1]]
         return self.head(x) * self.logit_scale
