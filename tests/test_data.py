@@ -397,18 +397,21 @@ def test_tensor_through_dataloader_matches_resident(data_root: fx.DataRoot) -> N
     assert_same_batches(batches(resident.train_batches(2, seed=1)), batches(streamed.train_batches(2, seed=1)))
 
 
-def test_unaugmented_batches_come_from_the_split_normalized_once(data_root: fx.DataRoot) -> None:
-    # Without augmentation a resident split is normalized once and batches are slices of it; the result is
-    # bitwise what per-batch normalization gives (the path taken when the float copy exceeds max_memory_mb).
-    plain = {"crop_padding": 0, "hflip": False}
-    once = MNIST(**fx.loader_kwargs(data_root.path, augment=plain)).setup(CPU)
-    per_batch = MNIST(**fx.loader_kwargs(data_root.path, augment=plain, max_memory_mb=0)).setup(CPU)
+@pytest.mark.parametrize("augment", [{"crop_padding": 0, "hflip": False}, {"crop_padding": 2, "hflip": True}],
+                         ids=["plain", "crop-flip"])
+def test_batches_from_the_split_prepared_once_equal_per_batch_work(data_root: fx.DataRoot, augment: dict) -> None:
+    # A resident split is padded and normalized once and batches are cut from it; the result is bitwise what
+    # per-batch padding and normalization give (the path taken when the float copy exceeds max_memory_mb).
+    once = MNIST(**fx.loader_kwargs(data_root.path, augment=augment)).setup(CPU)
+    per_batch = MNIST(**fx.loader_kwargs(data_root.path, augment=augment, max_memory_mb=0)).setup(CPU)
     for a, b in [(once.train_batches(1, seed=2), per_batch.train_batches(1, seed=2)),
                  (once.eval_batches("test"), per_batch.eval_batches("test"))]:
         a, b = batches(a), batches(b)
         assert len(a) == len(b) > 1 and all(torch.equal(xa, xb) and torch.equal(ya, yb)
                                             for (xa, ya), (xb, yb) in zip(a, b))
-    assert once._normalized("train") is not None and per_batch._normalized("train") is None
+    pad = augment["crop_padding"]
+    assert once._prepared("train", pad)[1] and not per_batch._prepared("train", pad)[1]
+    assert once._prepared("train", pad)[0].shape[-1] == 28 + 2 * pad
     assert per_batch.resident  # the budget only decides the float copy, not residency
 
 

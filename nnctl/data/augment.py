@@ -5,28 +5,31 @@ import torch
 import torch.nn.functional as F
 
 
-def crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator, padded: bool = False) -> torch.Tensor:
     """Per image: a random translation by up to `padding` px (zero fill) and, with `hflip`, a mirror with
-    probability 1/2. Two gathers (rows, then columns with the flip folded in), no per-image Python.
+    probability 1/2. One gather over the flattened pixels (rows, columns and the flip folded into one index), no
+    per-image Python.
 
-    x: [B, C, H, W] -> [B, C, H, W]. Random draws: row shifts, column shifts, then flips (each only when used).
+    x: [B, C, H, W], or with `padded` already zero-padded by `padding` on each side, [B, C, H+2p, W+2p], so a
+    resident dataset is padded once rather than every batch -> [B, C, H, W].
+    Random draws: row shifts, column shifts, then flips (each only when used).
     """
-    b, c, h, w = x.shape
-    dev = x.device
-    cols = torch.arange(w, device=dev).expand(b, w)  # [B, W]
-    if padding > 0:
+    if padding > 0 and not padded:
         x = F.pad(x, (padding, padding, padding, padding))  # [B, C, H+2p, W+2p]
-        dy = torch.randint(0, 2 * padding + 1, (b,), device=dev, generator=gen)
-        dx = torch.randint(0, 2 * padding + 1, (b,), device=dev, generator=gen)
-        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # [B, 1, H, 1]
-        x = x.gather(2, rows.expand(b, c, h, x.shape[3]))  # [B, C, H, W+2p]
-        cols = cols + dx[:, None]
+    b, c, hp, wp = x.shape
+    h, w = hp - 2 * max(padding, 0), wp - 2 * max(padding, 0)
+    if padding <= 0 and not hflip:
+        return x
+    dev = x.device
+    rows, cols = torch.arange(h, device=dev).expand(b, h), torch.arange(w, device=dev).expand(b, w)  # [B, H], [B, W]
+    if padding > 0:
+        rows = rows + torch.randint(0, 2 * padding + 1, (b, 1), device=dev, generator=gen)
+        cols = cols + torch.randint(0, 2 * padding + 1, (b, 1), device=dev, generator=gen)
     if hflip:
         flip = torch.rand(b, device=dev, generator=gen) < 0.5
         cols = torch.where(flip[:, None], cols.flip(1), cols)  # mirrored order of the same window
-    if padding <= 0 and not hflip:
-        return x
-    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # [B, C, H, W]
+    index = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w)  # [B, 1, H*W] into the flat padded image
+    return x.reshape(b, c, hp * wp).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
