@@ -136,12 +136,13 @@ class Engine:
         tb = TensorBoard(self.run_dir / "tensorboard")
         tb.config(self.cfg)
         n_batches, accum, max_steps = self.batches_per_epoch("train"), t.grad_accum_steps, self.total_steps()
+        samples_per_step = self.data.batch_size * accum
         started, done = time.perf_counter(), self.step >= max_steps
         with self._stop_on_signals(), contextlib.closing(tb):
             while self.epoch < t.max_epochs and not done:
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
-                window = _Window(self.step)
+                window, epoch_window = _Window(self.step), _Window(self.step)
                 with epoch_progress(t.progress and console.is_terminal) as bar:
                     task = bar.add_task(f"epoch {self.epoch + 1}/{t.max_epochs}", total=n_batches,
                                         completed=self.batch_in_epoch, stats="")
@@ -162,7 +163,7 @@ class Engine:
                         if self.ema is not None and self.step % t.ema.every_n_steps == 0:
                             self.ema.update(self.net)
                         # periodic logging: the only place the loop waits for the device
-                        if self.step % t.log_every_n_steps == 0 or self.batch_in_epoch == n_batches:
+                        if self.step % t.log_every_n_steps == 0:
                             self._log_step(tb, bar, task, window, grad_norm)
                         # a pending SIGINT/SIGTERM ends the run here, between two steps, with last.pt saved
                         if self._signal is not None:
@@ -170,12 +171,15 @@ class Engine:
                         if self.step >= max_steps:
                             done = True
                             break
+                    bar.update(task, completed=self.batch_in_epoch)  # the log cadence may end short of it
                 # validation, epoch-level schedule, checkpoints, early stopping
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                metrics = {**self.sums.means("train/"), **self.evaluate("val")}
+                train = self.sums.means("train/")  # waits for the device, so the epoch's throughput is exact
+                self.history["throughput"] = {"train/samples_per_s": epoch_window.rate(self.step, samples_per_step)}
+                metrics = {**train, **self.evaluate("val")}
                 self.sums = Averages()
                 self.schedule.after_epoch(metrics)
-                tb.scalars(metrics, self.step)
+                tb.scalars({**metrics, **self.history["throughput"]}, self.step)
                 self._checkpoint(metrics)
                 log.info("epoch %d: %s", self.epoch, _brief(metrics))
                 console.print(f"epoch {self.epoch}: {_brief(metrics)}")
@@ -210,7 +214,7 @@ class Engine:
         """
         if self.device.type == "cuda" and (self.step + 1) % self.t.log_every_n_steps:
             return False
-        value = float(loss.detach())
+        value = loss.item()  # no detach needed: item() reads the value
         if math.isfinite(value):
             self._bad_steps, self._last_finite = 0, value
             return False
@@ -228,14 +232,13 @@ class Engine:
         if grad_norm is None:
             grads = [p.grad for p in self.net.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        samples_per_s = window.rate(self.step, self.data.batch_size * self.t.grad_accum_steps)
+        samples_per_s = window.rate(self.step, self.data.batch_size * self.t.grad_accum_steps)  # since the last log
         running = self.sums.means("train/")
         scalars = {"train/loss_running": running["train/loss"], "lr": current_lr(self.optimizer),
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": samples_per_s}
         tb.scalars(scalars, self.step)
         bar.update(task, completed=self.batch_in_epoch,
                    stats=f"loss {running['train/loss']:.4f}  lr {scalars['lr']:.2e}  {samples_per_s:,.0f} samples/s")
-        self.history["throughput"] = {"train/samples_per_s": samples_per_s}
 
     # -- interrupts ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -413,11 +416,11 @@ def _split(metrics: dict[str, float], split: str) -> dict[str, float]:
 
 
 def _brief(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    return "  ".join(f"{k} {v:.4f}" if abs(v) < 100 else f"{k} {v:,.0f}" for k, v in metrics.items())
 
 
 class _Window:
-    """Throughput over the steps since the last log (wall clock; the log itself synchronizes the device)."""
+    """Throughput over the steps since the last `rate` call (wall clock; callers first synchronize the device)."""
 
     def __init__(self, step: int) -> None:
         self.step, self.time = step, time.perf_counter()

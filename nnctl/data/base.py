@@ -187,8 +187,9 @@ class ImageData:
 
     def _batches(self, x, y, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
         if self.resident:
-            for idx in order:  # index slices of the resident uint8 tensor: no copies through Python
-                idx = idx.to(self.device, non_blocking=True)
+            move = order[0].device != self.device if len(order) else False
+            for idx in order:  # index slices of the resident tensor: no copies through Python
+                idx = idx.to(self.device, non_blocking=True) if move else idx
                 yield x[idx], y[idx]
             return
         # DataLoader path: workers decode images in parallel; the batch blocks are exactly `order`, so batch
