@@ -136,13 +136,13 @@ class Engine:
         tb = TensorBoard(self.run_dir / "tensorboard")
         tb.config(self.cfg)
         n_batches, accum, max_steps = self.batches_per_epoch("train"), t.grad_accum_steps, self.total_steps()
-        samples_per_step = self.data.batch_size * accum
         started, done = time.perf_counter(), self.step >= max_steps
         with self._stop_on_signals(), contextlib.closing(tb):
             while self.epoch < t.max_epochs and not done:
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
-                window, epoch_window = _Window(self.step), _Window(self.step)
+                samples = self.data.batch_size * accum  # per optimizer step
+                window, epoch_window = _Window(self.step, samples), _Window(self.step, samples)
                 with epoch_progress(t.progress and console.is_terminal) as bar:
                     task = bar.add_task(f"epoch {self.epoch + 1}/{t.max_epochs}", total=n_batches,
                                         completed=self.batch_in_epoch, stats="")
@@ -175,7 +175,7 @@ class Engine:
                 # validation, epoch-level schedule, checkpoints, early stopping
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 train = self.sums.means("train/")  # waits for the device, so the epoch's throughput is exact
-                self.history["throughput"] = {"train/samples_per_s": epoch_window.rate(self.step, samples_per_step)}
+                self.history["throughput"] = {"train/samples_per_s": epoch_window.rate(self.step)}
                 metrics = {**train, **self.evaluate("val")}
                 self.sums = Averages()
                 self.schedule.after_epoch(metrics)
@@ -232,7 +232,7 @@ class Engine:
         if grad_norm is None:
             grads = [p.grad for p in self.net.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        samples_per_s = window.rate(self.step, self.data.batch_size * self.t.grad_accum_steps)  # since the last log
+        samples_per_s = window.rate(self.step)  # since the last log
         running = self.sums.means("train/")
         scalars = {"train/loss_running": running["train/loss"], "lr": current_lr(self.optimizer),
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": samples_per_s}
@@ -416,17 +416,17 @@ def _split(metrics: dict[str, float], split: str) -> dict[str, float]:
 
 
 def _brief(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" if abs(v) < 100 else f"{k} {v:,.0f}" for k, v in metrics.items())
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
 class _Window:
     """Throughput over the steps since the last `rate` call (wall clock; callers first synchronize the device)."""
 
-    def __init__(self, step: int) -> None:
-        self.step, self.time = step, time.perf_counter()
+    def __init__(self, step: int, samples_per_step: int) -> None:
+        self.step, self.time, self.samples_per_step = step, time.perf_counter(), samples_per_step
 
-    def rate(self, step: int, samples_per_step: int) -> float:
+    def rate(self, step: int) -> float:
         now = time.perf_counter()
-        rate = (step - self.step) * samples_per_step / max(now - self.time, 1e-9)
+        rate = (step - self.step) * self.samples_per_step / max(now - self.time, 1e-9)
         self.step, self.time = step, now
         return rate

@@ -187,9 +187,8 @@ class ImageData:
 
     def _batches(self, x, y, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
         if self.resident:
-            move = order[0].device != self.device if len(order) else False
             for idx in order:  # index slices of the resident tensor: no copies through Python
-                idx = idx.to(self.device, non_blocking=True) if move else idx
+                idx = idx.to(self.device, non_blocking=True)
                 yield x[idx], y[idx]
             return
         # DataLoader path: workers decode images in parallel; the batch blocks are exactly `order`, so batch
