@@ -154,9 +154,10 @@ class Engine:
                     bar.update(task, completed=self.batch_in_epoch)  # the log cadence may end short of it
                 # validation, epoch-level schedule, checkpoints, early stopping
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                train = self.sums.means("train/")  # waits for the device, so the epoch's throughput is exact
+                train = self._means(self.sums, "train")  # waits for the device: the throughput below is exact
                 self.history["throughput"] = {"train/samples_per_s": epoch_window.rate(self.step)}
                 metrics = {**train, **self.evaluate("val")}
+                self.objective.after_validation(self.eval_net, self.data, self.epoch, self.run_dir, tb, self.step)
                 self.sums = Averages()
                 self.optim.after_epoch(metrics)
                 tb.scalars({**metrics, **self.history["throughput"]}, self.step)
@@ -208,7 +209,10 @@ class Engine:
             with self.precision.autocast(self.device):
                 self.objective.eval_update(model, to_device(batch, self.device), metrics, self.cfg.eval.tta)
         model.train(was_training)
-        return metrics.means(f"{split}/")
+        return self._means(metrics, split)
+
+    def _means(self, sums: Averages, split: str) -> dict[str, float]:
+        return {f"{split}/{k}": v for k, v in self.objective.summarize(sums.means()).items()}
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def state_dict(self, metrics: dict[str, float]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -50,6 +51,15 @@ class Objective:
     def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
         """Run the model on an evaluation batch; add its per-sample sums to `metrics` (names unprefixed)."""
         raise NotImplementedError
+
+    def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        """Metrics derived from the epoch's averages (e.g. perplexity = exp(loss), R^2 from sums of squares);
+        may drop helper sums. Called on training and evaluation averages (unprefixed names)."""
+        return means
+
+    def after_validation(self, model: nn.Module, data: Any, epoch: int, run_dir: Path, tb: Any, step: int) -> None:
+        """Called after each validation with the evaluation weights: e.g. write a text sample or an image grid
+        (`tb.text(tag, text, step)`, `tb.image(tag, image [C, H, W] in [0, 1], step)`). Nothing by default."""
 
 
 # spec["target"] -> the objective class that trains for it ("module:Class", imported on use)
