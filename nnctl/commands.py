@@ -28,6 +28,7 @@ FAILED: list[BaseException] = []  # a single run's exception, raised again after
 def train_task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
+    from nnctl import checkpoint as ck
     from nnctl.engine import Engine
     from nnctl.reporting import print_config, print_model_summary
     from nnctl.validate import validate
@@ -40,7 +41,7 @@ def train_task(cfg: DictConfig) -> dict[str, Any]:
         cfg, state, run_dir = resume_config(cfg, HydraConfig.get().overrides.task, CONFIG_DIR)
     validate(cfg)
     print_config(cfg)
-    engine = Engine(cfg, run_dir)
+    engine = Engine(cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]) if state else (0, 0))
     print_model_summary(engine.model)
     if state is not None:
         engine.load_state_dict(state, full=True)
@@ -65,7 +66,7 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = merge_strict(stored, patch)
     validate(run_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    engine = Engine(run_cfg, run_dir)
+    engine = Engine(run_cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]))
     engine.load_state_dict(state, full=False)
     metrics = engine.evaluate(cfg.split)
     result = {cfg.split: {k.split("/", 1)[1]: v for k, v in metrics.items()}, "checkpoint": str(path),
