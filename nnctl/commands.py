@@ -94,7 +94,8 @@ def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         hc = HydraConfig.get()
         # resolve=False: an override such as x=${foo} must be reported by the task, not crash here
         overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
-        entry = {"num": hc.job.get("num"), "overrides": overrides, "dir": hc.runtime.output_dir}
+        entry = {"num": hc.job.get("num"), "overrides": overrides, "dir": hc.runtime.output_dir,
+                 "sweep_dir": hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None}
         JOBS.append(entry)
         if hc.mode == RunMode.MULTIRUN:  # jobs share one terminal: per-epoch lines instead of live bars
             if "progress" in cfg.get("trainer", {}):
@@ -166,15 +167,24 @@ def run(command: str, args: list[str]) -> int:
     finally:
         if not full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
-    return _report_jobs()
+    return _report_jobs(command)
 
 
-def _report_jobs() -> int:
+def _report_jobs(command: str) -> int:
+    """After a sweep: the ranked summary (printed, and summary.csv/json in the sweep dir) and the failed jobs."""
     failed = [j for j in JOBS if j.get("status") == "failed"]
     if len(JOBS) > 1 or failed:
         from nnctl.reporting import console
 
         ok = len(JOBS) - len(failed)
+        sweep_dir = JOBS[0].get("sweep_dir")
+        if command == "train" and sweep_dir:
+            from nnctl.sweep_summary import report
+
+            report(Path(sweep_dir), [Path(j["dir"]) for j in JOBS])  # lists the failed jobs with the others
+            console.print(f"sweep: {ok} of {len(JOBS)} job(s) finished; summary.csv and summary.json in {sweep_dir}",
+                          markup=False)
+            return 1 if failed else 0
         console.print(f"sweep: {ok} of {len(JOBS)} job(s) finished" + (f", {len(failed)} failed:" if failed else ""))
         for j in failed:
             console.print(f"  job {j['num']} ({' '.join(j['overrides'])}): {j['error']}  [{j['dir']}/error.txt]",

@@ -96,6 +96,7 @@ class Engine:
         self.optimizer: torch.optim.Optimizer | None = None
         self._signal: int | None = None
         self._bad_steps, self._last_finite = 0, float("nan")
+        self.epoch_hooks: list = []
 
     # -- sizes --------------------------------------------------------------------------------------------------
     def batches_per_epoch(self, split: str) -> int:
@@ -181,6 +182,8 @@ class Engine:
                 self.schedule.after_epoch(metrics)
                 tb.scalars({**metrics, **self.history["throughput"]}, self.step)
                 self._checkpoint(metrics)
+                for hook in self.epoch_hooks:
+                    hook(self, metrics)
                 log.info("epoch %d: %s", self.epoch, _brief(metrics))
                 console.print(f"epoch {self.epoch}: {_brief(metrics)}")
                 if t.early_stopping.enabled and not self.stopper.update(metrics) \
