@@ -81,7 +81,16 @@ def merge_strict(base: DictConfig, patch: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(base, patch)
 
 
-TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task}
+def tune_task(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from nnctl.tune import tune
+
+    hc = HydraConfig.get()
+    return tune(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+
+
+TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task}
 
 
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
