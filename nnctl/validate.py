@@ -213,6 +213,7 @@ RULES: list[Rule] = [
     Rule("search.overrides", LIST, None, "a list of overrides, e.g. [experiment=fashion_mnist_fast]"),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
+    Rule("eval.worst_k", INT, lambda v: v >= 0, "an integer >= 0 (0 = no worst_k.png)"),
 ]
 
 
