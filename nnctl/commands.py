@@ -118,7 +118,17 @@ def tune_task(cfg: DictConfig) -> dict[str, Any]:
     return tune(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
 
 
-TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task}
+def lr_find_task(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from nnctl.lr_find import lr_find
+
+    hc = HydraConfig.get()
+    return lr_find(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+
+
+TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task,
+                                                 "lr-find": lr_find_task}
 
 
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

@@ -211,6 +211,10 @@ RULES: list[Rule] = [
                                       "low: 1e-4, high: 0.1, log: true}}"),
     Rule("search.enqueue", LIST, None, "a list of mappings, e.g. [{optimizer.lr: 0.003}]"),
     Rule("search.overrides", LIST, None, "a list of overrides, e.g. [experiment=fashion_mnist_fast]"),
+    # -- lr-find --------------------------------------------------------------------------------------------------
+    Rule("lr_find.start_lr", NUM, _positive, "a number > 0, e.g. lr_find.start_lr=1e-7"),
+    Rule("lr_find.end_lr", NUM, _positive, "a number > 0, e.g. lr_find.end_lr=10"),
+    Rule("lr_find.num_steps", INT, lambda v: v >= 10, "an integer >= 10, e.g. lr_find.num_steps=100"),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
     Rule("eval.worst_k", INT, lambda v: v >= 0, "an integer >= 0 (0 = no worst_k.png)"),
