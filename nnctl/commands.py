@@ -127,8 +127,15 @@ def lr_find_task(cfg: DictConfig) -> dict[str, Any]:
     return lr_find(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
 
 
+def explain_task(cfg: DictConfig) -> dict[str, Any]:
+    from nnctl.explain import explain
+
+    return explain(cfg)
+
+
 TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task,
-                                                 "lr-find": lr_find_task}
+                                                 "lr-find": lr_find_task, "explain": explain_task}
+PATCHING = ("eval", "explain")  # commands that rebuild a run from its checkpoint and patch data/trainer/eval
 
 
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -185,7 +192,7 @@ def run(command: str, args: list[str]) -> int:
 
     version.setbase("1.3")
 
-    if command == "eval":
+    if command in PATCHING:
         args = _prepare_eval_args(args)
     sys.argv = ["nnctl", *args]
     parser = get_args_parser()

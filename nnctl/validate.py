@@ -215,6 +215,9 @@ RULES: list[Rule] = [
     Rule("lr_find.start_lr", NUM, _positive, "a number > 0, e.g. lr_find.start_lr=1e-7"),
     Rule("lr_find.end_lr", NUM, _positive, "a number > 0, e.g. lr_find.end_lr=10"),
     Rule("lr_find.num_steps", INT, lambda v: v >= 10, "an integer >= 10, e.g. lr_find.num_steps=100"),
+    # -- explain --------------------------------------------------------------------------------------------------
+    Rule("num_images", INT, lambda v: v >= 1, "an integer >= 1, e.g. num_images=16"),
+    Rule("layer", STR, None, "a module name such as blocks.1.0, or null for the last Conv2d", nullable=True),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
     Rule("eval.worst_k", INT, lambda v: v >= 0, "an integer >= 0 (0 = no worst_k.png)"),
