@@ -223,8 +223,8 @@ CASES = [
          r"stages\[1\]\.name: got name 'a'; each stage needs its own name"),
     case("stages-not-a-list", ["train", *TINY, "stages=3"], r"stages: expected a non-empty list"),
     case("l1-negative", ["train", *TINY, "trainer.l1=-0.1"], r"trainer\.l1: got -0\.1; expected a number >= 0"),
-    case("grad-checkpointing-no-blocks", ["train", *TINY, "trainer.grad_checkpointing=true"],
-         r"trainer\.grad_checkpointing: MLP has no `blocks` to recompute"),
+    case("grad-checkpointing-no-blocks", ["train", "data=synthetic", "model=cnn", "trainer.grad_checkpointing=true"],
+         r"trainer\.grad_checkpointing: CNN has no `blocks` to recompute"),
 ]
 
 
