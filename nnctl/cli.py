@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "train": "train a model: nnctl train [group=option ...] [key=value ...] [-m for sweeps]",
     "eval": "evaluate a checkpoint: nnctl eval ckpt=PATH [split=val] [key=value ...]",
+    "sample": "draw images from a generative checkpoint: nnctl sample ckpt=PATH [num_samples=64] [out=grid.png]",
 }
 
 USAGE = """usage: nnctl <command> [overrides ...]

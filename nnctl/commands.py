@@ -62,12 +62,18 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
     stored = OmegaConf.create(state[ck.CONFIG])
     patch = {k: OmegaConf.to_container(cfg[k]) for k in EVAL_PATCHABLE if cfg[k]}
     patch.get("eval", {}).pop("tta", None) if cfg.eval.tta is None else None
+    for key in ("feature_ckpt", "quality_samples"):  # eval-only settings, not part of the trained config
+        patch.get("eval", {}).pop(key, None)
     run_cfg = merge_strict(stored, patch)
     validate(run_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     engine = Engine(run_cfg, run_dir)
     engine.load_state_dict(state, full=False)
     metrics = engine.evaluate(cfg.split)
+    if cfg.eval.get("feature_ckpt"):
+        from nnctl.sample import quality
+
+        metrics.update({f"{cfg.split}/{k}": v for k, v in quality(engine, cfg.eval).items()})
     result = {cfg.split: {k.split("/", 1)[1]: v for k, v in metrics.items()}, "checkpoint": str(path),
               "epoch": state[ck.EPOCH], "global_step": state[ck.STEP]}
     write_json(run_dir / "metrics.json", result)
@@ -81,7 +87,13 @@ def merge_strict(base: DictConfig, patch: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(base, patch)
 
 
-TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task}
+def sample_task(cfg: DictConfig) -> dict[str, Any]:
+    from nnctl.sample import sample
+
+    return sample(cfg)
+
+
+TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "sample": sample_task}
 
 
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
