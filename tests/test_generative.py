@@ -9,6 +9,7 @@ import math
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,10 +89,9 @@ def test_trains_and_writes_sample_grids(name: str, runs: dict[str, Path]) -> Non
 def test_kill9_then_resume_is_bitwise_identical(name: str, runs: dict[str, Path], tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "nnctl", "train", *BASE, *FAMILIES[name], f"hydra.run.dir={run}",
-                             f"paths.root_dir={tmp_path}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             f"paths.root_dir={tmp_path}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     last = run / "checkpoints" / ck.LAST
-    import time
-
     deadline = time.time() + 300
     while not last.exists():
         assert proc.poll() is None, proc.stderr.read()
