@@ -68,6 +68,8 @@ class Engine:
         self.ema = EMA(self.net, t.ema.decay) if t.ema.enabled else None
         # the model is offered too: objective=auto follows a model that names its objective (generative models)
         self.objective = complete(instantiate(cfg.objective), self.spec, "objective", model=net)
+        self._resolve_monitor()
+        t = self.t
         self.scaler = self.precision.grad_scaler(self.device)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode, key="trainer.checkpoint.monitor")
@@ -78,6 +80,20 @@ class Engine:
         self.optim: Optimization | None = None
         self.signals = SignalFlag()
         self.epoch_hooks: list[Any] = []  # called as hook(engine, metrics) after each epoch's checkpoint
+
+    def _resolve_monitor(self) -> None:
+        """trainer.checkpoint.monitor/mode `auto` become the objective's (val/acc for classifiers, val/loss
+        otherwise), in every config this run uses, before anything (a plateau schedule) interpolates them."""
+        checkpoint = self.cfg.trainer.checkpoint
+        if "auto" not in (checkpoint.monitor, checkpoint.mode):
+            return
+        metric, mode = self.objective.monitor
+        chosen = {"monitor": metric if checkpoint.monitor == "auto" else checkpoint.monitor,
+                  "mode": mode if checkpoint.mode == "auto" else checkpoint.mode}
+        for cfg in {id(c): c for c in (self.stored_cfg, self.cfg, *(s.cfg for s in self.stages or ()))}.values():
+            for key, value in chosen.items():
+                OmegaConf.update(cfg, f"trainer.checkpoint.{key}", value)
+        self.t = _Settings(OmegaConf.to_container(self.cfg.trainer, resolve=True), "trainer.")
 
     @property
     def eval_net(self) -> nn.Module:
@@ -275,6 +291,7 @@ class Engine:
         result = {"train": rows["train"], "val": rows["val (best)"], "test": rows["test"],
                   "best_epoch": best.get("epoch"), "epochs": self.epoch, "global_step": self.step,
                   "train_seconds": round(seconds, 2), **self.history.get("throughput", {}),
+                  "monitor": self.best.monitor, "mode": self.t.checkpoint.mode,
                   "checkpoint": str(best_path) if best_path.is_file() else None}
         if self.stages:
             result["stages"] = self.history.get("stages", {})

@@ -29,6 +29,8 @@ class Objective:
     """Base class. Subclasses implement `training_step` (or `training_steps` for several updates per batch)
     and `eval_update`."""
 
+    monitor = ("val/loss", "min")  # what trainer.checkpoint.monitor=auto selects best.pt by: (metric, mode)
+
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward pass and mean loss. Returns (loss, {metric name: sum over the batch}), all on the device: the
         engine averages the sums per sample (so `acc` is returned as a count of correct predictions)."""
