@@ -34,6 +34,7 @@ TRACKERS = "trackers"           # best-metric / early-stopping bookkeeping
 METRICS = "metrics"             # metrics at save time
 RNG = "rng"
 EXTRA = "extra"                 # state of optional components (e.g. EMA weights)
+LOGGERS = "loggers"             # experiment-tracker runs to continue on resume (MLflow / W&B run ids), by logger
 
 BEST, LAST = "best.pt", "last.pt"
 

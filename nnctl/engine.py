@@ -25,7 +25,8 @@ from nnctl import checkpoint as ck
 from nnctl.ema import EMA
 from nnctl.errors import Interrupted, UserError
 from nnctl.metrics import Averages
-from nnctl.reporting import TensorBoard, console, epoch_progress, print_metrics, write_json
+from nnctl.loggers import Loggers, build_loggers, flat_params
+from nnctl.reporting import console, epoch_progress, print_metrics, write_json
 from nnctl.runtime import pick_device, seed_everything
 from nnctl.schedulers import current_lr
 
@@ -96,6 +97,8 @@ class Engine:
         self.optimizer: torch.optim.Optimizer | None = None
         self._signal: int | None = None
         self._bad_steps, self._last_finite = 0, float("nan")
+        self.loggers: Loggers | None = None  # the experiment trackers, while fit runs
+        self.logger_state: dict[str, Any] = {}  # their run ids from a checkpoint, to continue the same runs
 
     # -- sizes --------------------------------------------------------------------------------------------------
     def batches_per_epoch(self, split: str) -> int:
@@ -133,11 +136,12 @@ class Engine:
         t = self.t
         if self.optimizer is None:
             self.configure_optimization()
-        tb = TensorBoard(self.run_dir / "tensorboard")
-        tb.config(self.cfg)
+        self.loggers = loggers = build_loggers(self.cfg, self.run_dir, self.logger_state)
+        loggers.config(self.cfg)
+        loggers.images("train/samples", self.data.sample_images(16), self.step)
         n_batches, accum, max_steps = self.batches_per_epoch("train"), t.grad_accum_steps, self.total_steps()
         started, done = time.perf_counter(), self.step >= max_steps
-        with self._stop_on_signals(), contextlib.closing(tb):
+        with self._stop_on_signals(), loggers:
             while self.epoch < t.max_epochs and not done:
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -164,7 +168,7 @@ class Engine:
                             self.ema.update(self.net)
                         # periodic logging: the only place the loop waits for the device
                         if self.step % t.log_every_n_steps == 0:
-                            self._log_step(tb, bar, task, window, grad_norm)
+                            self._log_step(loggers, bar, task, window, grad_norm)
                         # a pending SIGINT/SIGTERM ends the run here, between two steps, with last.pt saved
                         if self._signal is not None:
                             self._interrupt()
@@ -179,7 +183,7 @@ class Engine:
                 metrics = {**train, **self.evaluate("val")}
                 self.sums = Averages()
                 self.schedule.after_epoch(metrics)
-                tb.scalars({**metrics, **self.history["throughput"]}, self.step)
+                loggers.scalars({**metrics, **self.history["throughput"]}, self.step)
                 self._checkpoint(metrics)
                 log.info("epoch %d: %s", self.epoch, _brief(metrics))
                 console.print(f"epoch {self.epoch}: {_brief(metrics)}")
@@ -190,7 +194,7 @@ class Engine:
                     break
                 if self._signal is not None:
                     self._interrupt()
-            return self._finish(tb, time.perf_counter() - started)
+            return self._finish(loggers, time.perf_counter() - started)
 
     def _optimizer_step(self, loss: torch.Tensor) -> torch.Tensor | None:
         t = self.t
@@ -227,7 +231,7 @@ class Engine:
         log.warning("step %d: non-finite loss %s, update skipped", self.step + 1, value)
         return True
 
-    def _log_step(self, tb: TensorBoard, bar: Any, task: Any, window: "_Window",
+    def _log_step(self, loggers: Loggers, bar: Any, task: Any, window: "_Window",
                   grad_norm: torch.Tensor | None) -> None:
         if grad_norm is None:
             grads = [p.grad for p in self.net.parameters() if p.grad is not None]
@@ -236,7 +240,7 @@ class Engine:
         running = self.sums.means("train/")
         scalars = {"train/loss_running": running["train/loss"], "lr": current_lr(self.optimizer),
                    "train/grad_norm": float(grad_norm), "train/samples_per_s": samples_per_s}
-        tb.scalars(scalars, self.step)
+        loggers.scalars(scalars, self.step)
         bar.update(task, completed=self.batch_in_epoch,
                    stats=f"loss {running['train/loss']:.4f}  lr {scalars['lr']:.2e}  {samples_per_s:,.0f} samples/s")
 
@@ -303,6 +307,7 @@ class Engine:
             ck.RNG: ck.rng_state(),
             ck.EXTRA: {"train_model": self.net.state_dict(), "ema_updates": self.ema.updates}
             if self.ema is not None else {},
+            ck.LOGGERS: self.loggers.state() if self.loggers is not None else self.logger_state,
         }
 
     def load_state_dict(self, state: dict[str, Any], full: bool) -> None:
@@ -329,6 +334,7 @@ class Engine:
         self.history = trackers["history"]
         self.sums = Averages(trackers["epoch_sums"])
         ck.set_rng_state(state[ck.RNG])
+        self.logger_state = state.get(ck.LOGGERS, {})  # absent in checkpoints written before trackers
 
     def _checkpoint(self, metrics: dict[str, float]) -> None:
         c = self.t.checkpoint
@@ -357,19 +363,22 @@ class Engine:
             stale.unlink(missing_ok=True)
 
     # -- end of run -----------------------------------------------------------------------------------------------
-    def _finish(self, tb: TensorBoard, seconds: float) -> dict[str, Any]:
+    def _finish(self, loggers: Loggers, seconds: float) -> dict[str, Any]:
         best_path = self.run_dir / "checkpoints" / ck.BEST
         if best_path.is_file():  # test with the best weights, exactly as `nnctl eval` will load them
             self.load_state_dict(ck.load_checkpoint(best_path, self.device), full=False)
         test = self.evaluate("test")
-        tb.scalars(test, self.step)
+        loggers.scalars(test, self.step)
         last, best = self.history.get("last", {}), self.history.get("best", self.history.get("last", {}))
         rows = {"train": _split(last, "train"), "val (best)": _split(best, "val"), "test": _split(test, "test")}
         result = {"train": rows["train"], "val": rows["val (best)"], "test": rows["test"],
                   "best_epoch": best.get("epoch"), "epochs": self.epoch, "global_step": self.step,
                   "train_seconds": round(seconds, 2), **self.history.get("throughput", {}),
                   "checkpoint": str(best_path) if best_path.is_file() else None}
-        tb.hparams(self.cfg, {f"{s}/{k}": v for s in ("val", "test") for k, v in result[s].items()})
+        final = {f"{s}/{k}": v for s in ("val", "test") for k, v in result[s].items()}
+        loggers.hparams(flat_params(self.cfg), final)
+        if best_path.is_file():
+            loggers.artifact(best_path)
         write_json(self.run_dir / "metrics.json", result)
         print_metrics(f"nnctl train: {self.epoch} epoch(s), {self.step} steps, {seconds:.1f}s", rows)
         console.print(f"run dir: {self.run_dir}")

@@ -85,6 +85,18 @@ def _tta_modes() -> str:
     return f"one of {', '.join(TTA_MODES)} (true/false mean flip/none)"
 
 
+def _wandb_mode(v: str) -> bool:
+    from nnctl.loggers.wandb import MODES
+
+    return v in MODES
+
+
+def _wandb_modes() -> str:
+    from nnctl.loggers.wandb import MODES
+
+    return "one of " + ", ".join(MODES)
+
+
 INT, NUM, BOOL, STR = (int,), (int, float), (bool,), (str,)
 LIST, DICT = (list, tuple, ListConfig), (dict, DictConfig)
 MAPPING = "a mapping of keys (to pick an option of the group, write {group}=<option>)"
@@ -187,6 +199,17 @@ RULES: list[Rule] = [
     Rule("trainer.checkpoint.save_top_k", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("trainer.checkpoint.save_last", BOOL, None, "true or false"),
     Rule("trainer.checkpoint.every_n_epochs", INT, lambda v: v >= 1, "an integer >= 1"),
+    # -- logger ---------------------------------------------------------------------------------------------------
+    Rule("logger", DICT, None, "trackers chosen as logger=<option> or logger=[tensorboard,mlflow]", nullable=True),
+    Rule("logger.mlflow.tracking_uri", STR, lambda v: v.strip() != "",
+         "a tracking URI: sqlite:///path/mlflow.db or http://host:port"),
+    Rule("logger.mlflow.experiment_name", STR, lambda v: v.strip() != "", "a non-empty name, e.g. nnctl"),
+    Rule("logger.mlflow.log_artifacts", BOOL, None, "true or false"),
+    Rule("logger.mlflow.timeout_s", NUM, _positive, "a number of seconds > 0, e.g. 5"),
+    Rule("logger.wandb.mode", STR, _wandb_mode, _wandb_modes),
+    Rule("logger.wandb.project", STR, lambda v: v.strip() != "", "a non-empty project name, e.g. nnctl"),
+    Rule("logger.wandb.tags", LIST, None, "a list of strings, e.g. logger.wandb.tags=[baseline]"),
+    Rule("logger.wandb.log_artifacts", BOOL, None, "true or false"),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
 ]
