@@ -62,7 +62,9 @@ class MLflowLogger(Logger):
         if found is not None:
             return found.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            # The kind tag makes MLflow's UI open the experiment on its runs table, not its GenAI traces view.
+            return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                 tags={"mlflow.experimentKind": "custom_model_development"})
         except MlflowException:  # another job of the sweep created it first
             found = self.client.get_experiment_by_name(name)
             if found is None:
