@@ -137,11 +137,12 @@ class Engine:
         if self.optimizer is None:
             self.configure_optimization()
         self.loggers = loggers = build_loggers(self.cfg, self.run_dir, self.logger_state)
-        loggers.config(self.cfg)
-        loggers.images("train/samples", self.data.sample_images(16), self.step)
         n_batches, accum, max_steps = self.batches_per_epoch("train"), t.grad_accum_steps, self.total_steps()
-        started, done = time.perf_counter(), self.step >= max_steps
-        with self._stop_on_signals(), loggers:
+        done = self.step >= max_steps
+        with self._stop_on_signals(), loggers:  # leaving it closes every tracker: finished, failed or killed
+            loggers.config(self.cfg)
+            loggers.images("train/samples", self.data.sample_images(16), self.step)
+            started = time.perf_counter()
             while self.epoch < t.max_epochs and not done:
                 self.model.train()
                 self.optimizer.zero_grad(set_to_none=True)

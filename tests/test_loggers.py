@@ -227,3 +227,29 @@ def test_wandb_without_its_package_is_one_line(monkeypatch: pytest.MonkeyPatch, 
     line = _one_line_error(capsys)
     assert line == ("nnctl train: error: logger: the wandb package is not installed; pip install wandb, or choose "
                     "other trackers (logger=tensorboard)"), line
+
+
+@pytest.mark.parametrize("stop, code, status", [("interrupt", 143, "KILLED"), ("bug", None, "FAILED")])
+def test_a_run_that_stops_early_closes_its_tracker_runs_with_that_status(stop: str, code: int | None, status: str,
+                                                                         tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from nnctl.engine import Engine
+    from nnctl.errors import Interrupted
+
+    def stop_after_first_epoch(self: Engine, metrics: dict) -> None:
+        if stop == "interrupt":  # what SIGTERM between two steps ends in
+            raise Interrupted(signal.SIGTERM, None, self.run_dir)
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(Engine, "_checkpoint", stop_after_first_epoch)
+    if code is None:
+        with pytest.raises(ZeroDivisionError):
+            main(["train", *TINY, "logger=[csv,mlflow]"])
+    else:
+        assert main(["train", *TINY, "logger=[csv,mlflow]"]) == code
+    (mlrun,) = mlflow_runs(tmp_path)
+    assert mlrun.info.status == status
+    assert sorted(mlflow_series(tmp_path, mlrun.info.run_id, "val/acc")) == [4]  # what was logged before is kept
+    assert sorted(csv_series(fx.run_dirs(tmp_path)[0], "val/acc")) == [4]  # the pending csv row was written

@@ -35,8 +35,8 @@ class WandbLogger(Logger):
                             f"{KEY}.mode=offline and `wandb sync` the run later", key=f"{KEY}.mode")
         state = state or {}
         self.wandb, self.log_artifacts = wandb, log_artifacts
-        # Short tags: W&B refuses tags over 64 characters.
-        run_tags = [*(str(t) for t in tags), *(o[:64] for o in run.overrides)]
+        # W&B refuses tags over 64 characters. A resumed run keeps the tags of the command that started it.
+        run_tags = [*(str(t) for t in tags), *(o[:64] for o in run.overrides)] if not state else None
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
                                   save_code=False, x_save_requirements=False)
         directory = Path(run.dir) / dir  # a relative `dir` lands in the run dir
