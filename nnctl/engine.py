@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from nnctl import checkpoint as ck
 from nnctl.ema import EMA
 from nnctl.errors import Interrupted, UserError
-from nnctl.metrics import Averages
 from nnctl.loggers import Loggers, build_loggers, flat_params
+from nnctl.metrics import Averages
 from nnctl.reporting import console, epoch_progress, print_metrics, write_json
 from nnctl.runtime import pick_device, seed_everything
 from nnctl.schedulers import current_lr
