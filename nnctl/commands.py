@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from nnctl.errors import USER_ERROR_EXIT, Interrupted, UserError, one_line
 
 CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
-GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer")
+GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer", "logger")
 EVAL_PATCHABLE = ("data", "trainer", "eval")
 EVAL_ONLY = ("worst_k", "feature_ckpt", "quality_samples")  # eval.* keys of eval/explain itself, not of the run
 
@@ -344,7 +344,7 @@ def _override_message(exc: Any) -> str:
 
 def _hydra_message(text: str, exc: BaseException, command: str | None = None,
                    args: list[str] | None = None) -> str:
-    m = re.search(r"Could not find '([^']*/[^'/]*)'", text)
+    m = re.search(r"Could not (?:find|load) '([^']*/[^'/]*)'", text)  # load: an option in a list, logger=[a,b]
     if m:
         group, option = m.group(1).rsplit("/", 1)
         options = _options(group)

@@ -58,6 +58,7 @@ def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
         ck.RNG: ck.rng_state(),
         ck.EXTRA: {"train_model": engine.net.state_dict(), "ema_updates": engine.ema.updates}
         if engine.ema is not None else {},
+        ck.LOGGERS: engine.loggers.state() if engine.loggers is not None else engine.logger_state,
     }
     if hasattr(engine.data, "state_dict"):  # e.g. a tokenizer built from the training text
         state[ck.DATA] = engine.data.state_dict()
@@ -85,6 +86,7 @@ def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None
     engine.history = trackers["history"]
     engine.sums = Averages(trackers["epoch_sums"])
     ck.set_rng_state(state[ck.RNG])
+    engine.logger_state = state.get(ck.LOGGERS, {})  # tracker runs to continue
 
 
 def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:

@@ -93,6 +93,16 @@ def _tune_names(registry: str) -> list[str]:
 
 def _tune_choices(registry: str) -> str:
     return "one of " + ", ".join(_tune_names(registry))
+def _wandb_mode(v: str) -> bool:
+    from nnctl.loggers.wandb import MODES
+
+    return v in MODES
+
+
+def _wandb_modes() -> str:
+    from nnctl.loggers.wandb import MODES
+
+    return "one of " + ", ".join(MODES)
 
 
 INT, NUM, BOOL, STR = (int,), (int, float), (bool,), (str,)
@@ -221,6 +231,17 @@ RULES: list[Rule] = [
     # -- explain --------------------------------------------------------------------------------------------------
     Rule("num_images", INT, lambda v: v >= 1, "an integer >= 1, e.g. num_images=16"),
     Rule("layer", STR, None, "a module name such as blocks.1.0, or null for the last Conv2d", nullable=True),
+    # -- logger ---------------------------------------------------------------------------------------------------
+    Rule("logger", DICT, None, "trackers chosen as logger=<option> or logger=[tensorboard,mlflow]", nullable=True),
+    Rule("logger.mlflow.tracking_uri", STR, lambda v: v.strip() != "",
+         "a tracking URI: sqlite:///path/mlflow.db or http://host:port"),
+    Rule("logger.mlflow.experiment_name", STR, lambda v: v.strip() != "", "a non-empty name, e.g. nnctl"),
+    Rule("logger.mlflow.log_artifacts", BOOL, None, "true or false"),
+    Rule("logger.mlflow.timeout_s", NUM, _positive, "a number of seconds > 0, e.g. 5"),
+    Rule("logger.wandb.mode", STR, _wandb_mode, _wandb_modes),
+    Rule("logger.wandb.project", STR, lambda v: v.strip() != "", "a non-empty project name, e.g. nnctl"),
+    Rule("logger.wandb.tags", LIST, None, "a list of strings, e.g. logger.wandb.tags=[baseline]"),
+    Rule("logger.wandb.log_artifacts", BOOL, None, "true or false"),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
     Rule("eval.worst_k", INT, lambda v: v >= 0, "an integer >= 0 (0 = no worst_k.png)"),

@@ -42,7 +42,7 @@ GENERATIVE = {"gan", "vae", "diffusion"}  # model and objective options covered 
 
 def test_every_expected_group_is_present() -> None:
     expected = {"model", "data", "optimizer", "scheduler", "precision", "adapter", "objective", "debug", "experiment",
-                "trainer", "trainer/early_stopping", "trainer/checkpoint", "paths"}
+                "trainer", "trainer/early_stopping", "trainer/checkpoint", "paths", "logger"}
     assert expected <= set(GROUPS)
     assert set(GROUPS["scheduler"]) >= {"none", "cosine", "warmup_cosine", "cosine_warm_restarts", "onecycle",
                                         "step", "exponential", "plateau"}
@@ -79,7 +79,7 @@ def data_overrides(option: str, data_root: Path, image_root: Path) -> list[str]:
 
 # -- options without a dedicated test below: compose, and their _target_ imports --------------------------------------
 DEDICATED = {"data", "model", "optimizer", "scheduler", "precision", "adapter", "objective", "debug", "experiment",
-             "trainer/early_stopping", "trainer/checkpoint"}
+             "trainer/early_stopping", "trainer/checkpoint", "logger"}
 OTHER_OPTIONS = [(g, o) for g, o in ALL_OPTIONS if g not in DEDICATED]
 
 
@@ -409,6 +409,18 @@ def test_trainer_monitors_build_trackers(option: str) -> None:
     better, worse = (0.9, 0.5) if node.mode == "max" else (0.5, 0.9)
     assert tracker.update({node.monitor: worse}) and tracker.update({node.monitor: better})
     assert not tracker.update({node.monitor: worse}) and tracker.bad_checks == 1
+
+
+@pytest.mark.parametrize("option", GROUPS["logger"])
+def test_every_logger_option_names_tracker_adapters(option: str) -> None:
+    from nnctl.loggers import Logger
+
+    node = compose_train(f"logger={option}").logger
+    assert option in ("none", "many") or list(node) == [option]
+    assert set(node) == ({"tensorboard", "csv", "mlflow", "wandb"} if option == "many" else set(node))
+    for name, tracker in node.items():
+        assert tracker._partial_ is True, name  # the run and its saved state come from the engine
+        assert issubclass(get_object(tracker._target_), Logger), name
 
 
 # -- the files themselves ---------------------------------------------------------------------------------------------

@@ -124,6 +124,18 @@ CASES = [
          r"model\.widths: got \[\]; expected a non-empty list of integers >= 1"),
     case("airbench-whiten-width-1", ["train", "model=airbench", "model.whiten_width=1"],
          r"model\.whiten_width: got 1; expected an integer >= 2 or null"),
+    # -- experiment trackers -------------------------------------------------------------------------------------------
+    case("logger-unknown", ["train", "logger=mlfow"], r"logger=mlfow: unknown option \(did you mean 'mlflow'\?\); "
+                                                      r"choose one of csv, many, mlflow, none, tensorboard, wandb"),
+    case("logger-unknown-in-list", ["train", "logger=[tensorboard,neptune]"],
+         r"logger=neptune: unknown option; choose one of csv"),
+    case("logger-mlflow-unreachable", ["train", *TINY, "logger=mlflow", "logger.mlflow.tracking_uri=http://127.0.0.1:1",
+                                       "logger.mlflow.timeout_s=1"],
+         r"logger\.mlflow\.tracking_uri: cannot reach the MLflow tracking server at http://127\.0\.0\.1:1 "),
+    case("logger-wandb-mode", ["train", "logger=wandb", "logger.wandb.mode=cloud"],
+         r"logger\.wandb\.mode: got 'cloud'; expected one of offline, online, disabled"),
+    case("logger-key-of-other-option", ["train", "logger.mlflow.tracking_uri=http://x"],
+         r"logger\.mlflow\.tracking_uri: not a key of the selected logger option; only logger=mlflow has it"),
     # -- override syntax -----------------------------------------------------------------------------------------------
     case("syntax-unclosed-list", ["train", "trainer.max_epochs=[1,"],
          r"bad override 'trainer\.max_epochs=\[1,': .*write key=value"),

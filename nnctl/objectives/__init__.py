@@ -61,9 +61,11 @@ class Objective:
         may drop helper sums. Called on training and evaluation averages (unprefixed names)."""
         return means
 
-    def after_validation(self, model: nn.Module, data: Any, epoch: int, run_dir: Path, tb: Any, step: int) -> None:
-        """Called after each validation with the evaluation weights: e.g. write a text sample or an image grid
-        (`tb.text(tag, text, step)`, `tb.image(tag, image [C, H, W] in [0, 1], step)`). Nothing by default."""
+    def after_validation(self, model: nn.Module, data: Any, epoch: int, run_dir: Path, loggers: Any,
+                         step: int) -> None:
+        """Called after each validation with the evaluation weights: e.g. write a text sample or an image grid to
+        the run's trackers (`loggers.text(tag, text, step)`, `loggers.images(tag, N x C x H x W tensor or a PNG
+        path, step)`). Nothing by default."""
 
 
 # spec["target"] (or a model's `objective` name) -> the objective class that trains it ("module:Class", imported
