@@ -130,6 +130,8 @@ RULES: list[Rule] = [
     Rule("data.noise", NUM, lambda v: v >= 0, "a number >= 0"),
     Rule("data.in_memory", BOOL + STR, lambda v: v in (True, False, "auto"), "true, false or auto"),
     Rule("data.max_memory_mb", INT, lambda v: v >= 1, "an integer >= 1 (MiB)"),
+    Rule("data.classes", LIST, lambda v: len(v) >= 2, "a list of >= 2 class names or indices, e.g. [0,1,2]",
+         nullable=True),
     Rule("data.augment", DICT, None, "a mapping with crop_padding and hflip, e.g. data.augment.hflip=false"),
     Rule("data.augment.crop_padding", INT, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     Rule("data.augment.hflip", BOOL, None, "true or false"),
@@ -189,6 +191,16 @@ RULES: list[Rule] = [
     Rule("trainer.checkpoint.save_top_k", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("trainer.checkpoint.save_last", BOOL, None, "true or false"),
     Rule("trainer.checkpoint.every_n_epochs", INT, lambda v: v >= 1, "an integer >= 1"),
+    # -- adapter / fine-tuning -----------------------------------------------------------------------------------
+    Rule("adapter.r", INT, lambda v: v >= 1, "an integer >= 1, e.g. adapter.r=8"),
+    Rule("adapter.alpha", NUM, _positive, "a number > 0, e.g. adapter.alpha=16"),
+    Rule("adapter.dropout", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. adapter.dropout=0.05"),
+    Rule("adapter.quant_type", STR, lambda v: v in ("nf4", "fp4"), "nf4 or fp4"),
+    Rule("adapter.double_quant", BOOL, None, "true or false"),
+    Rule("adapter.compute_dtype", STR, lambda v: v in ("float32", "fp32", "bfloat16", "bf16"), "float32 or bfloat16"),
+    Rule("init_from", STR, None, "a checkpoint file or run dir", nullable=True),
+    Rule("finetune.freeze", LIST, None, "a list of regexes, e.g. finetune.freeze=[features]"),
+    Rule("finetune.lr_mult", DICT, None, "a mapping regex -> number, e.g. finetune.lr_mult={features:0.1}"),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
 ]
