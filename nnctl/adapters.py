@@ -65,8 +65,11 @@ def dora(model: nn.Module, **kwargs: Any) -> nn.Module:
 def qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
           target_modules: str | Sequence[str] = "auto", modules_to_save: str | Sequence[str] | None = "auto",
           use_dora: bool = False, quant_type: str = "nf4", double_quant: bool = True,
-          compute_dtype: str = "float32") -> nn.Module:
-    """Quantize the body's Linear layers to bitsandbytes 4-bit, then LoRA on top (QLoRA)."""
+          compute_dtype: str = "float32", dequantize: bool = False) -> nn.Module:
+    """Quantize the body's Linear layers to bitsandbytes 4-bit, then LoRA on top (QLoRA).
+
+    `dequantize` keeps the base as float layers holding the 4-bit weights' values (what `nnctl export merge=true`
+    builds, so the adapters merge into exactly the weights they were trained on)."""
     if quant_type not in QUANT_TYPES:
         raise UserError(f"got {quant_type!r}; expected one of {', '.join(QUANT_TYPES)}", key="adapter.quant_type")
     if compute_dtype not in COMPUTE_DTYPES:
@@ -74,7 +77,8 @@ def qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                         key="adapter.compute_dtype")
     fingerprint = weights_fingerprint(model)  # of the unquantized base, as the other adapters record it
     save = _modules_to_save(model, modules_to_save)
-    quantize_4bit(model, _head_names(model, save), quant_type, double_quant, COMPUTE_DTYPES[compute_dtype])
+    quantize_4bit(model, _head_names(model, save), quant_type, double_quant, COMPUTE_DTYPES[compute_dtype],
+                  dequantize)
     return _inject(model, fingerprint, r, alpha, dropout, target_modules, modules_to_save, use_dora)
 
 
@@ -85,8 +89,9 @@ def _linear_like(module: nn.Module) -> bool:
 
 
 def quantize_4bit(model: nn.Module, skip: set[str], quant_type: str, double_quant: bool,
-                  compute_dtype: torch.dtype) -> None:
-    """Replace every Linear outside `skip` (the heads) by a bitsandbytes Linear4bit holding the same weights."""
+                  compute_dtype: torch.dtype, dequantize: bool = False) -> None:
+    """Replace every Linear outside `skip` (the heads) by a bitsandbytes Linear4bit holding the same weights;
+    with `dequantize`, put the 4-bit values back into a float layer of the original type instead."""
     import bitsandbytes as bnb
 
     names = [n for n, m in model.named_modules() if _linear_like(m) and not _under(n, skip)]
@@ -106,10 +111,14 @@ def quantize_4bit(model: nn.Module, skip: set[str], quant_type: str, double_quan
                                        compress_statistics=double_quant, quant_type=quant_type)
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data.float(), requires_grad=False)
-        new.nnctl_conv1d = not isinstance(old, nn.Linear)  # export writes it back as a Conv1D
-        new.to(weight.device if weight.device.type != "meta" else "cpu")  # quantizes now (bnb does it on .to)
+        new.to(weight.device)  # quantizes now (bnb does it on .to)
+        if dequantize:
+            values = bnb.functional.dequantize_4bit(new.weight.data, new.weight.quant_state).float()  # [out, in]
+            old.weight.data = values if isinstance(old, nn.Linear) else values.t().contiguous()
+            continue
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
-    model.is_loaded_in_4bit = True  # how peft recognizes a 4-bit model (transformers sets it for its own)
+    if not dequantize:
+        model.is_loaded_in_4bit = True  # how peft recognizes a 4-bit model (transformers sets it for its own)
     log.info("qlora: %d Linear layer(s) quantized to 4-bit %s", len(names), quant_type)
 
 
@@ -253,8 +262,9 @@ def report(net: nn.Module) -> None:
 
     trainable, total = parameter_counts(net)
     frozen = base_bytes(net)
-    line = (f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f} %); frozen "
-            f"base weights: {frozen / 2**20:.2f} MiB ({frozen / max(total - trainable, 1):.2f} bytes/parameter)")
+    line = f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f} %); "
+    line += (f"frozen base weights: {frozen / 2**20:.2f} MiB ({frozen / (total - trainable):.2f} bytes/parameter)"
+             if total > trainable else "no frozen weights")
     log.info(line)
     console.print(line)
 

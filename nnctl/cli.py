@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "train": "train a model: nnctl train [group=option ...] [key=value ...] [-m for sweeps]",
     "eval": "evaluate a checkpoint: nnctl eval ckpt=PATH [split=val] [key=value ...]",
+    "export": "export a checkpoint's model: nnctl export ckpt=PATH out=DIR [merge=false]",
 }
 
 USAGE = """usage: nnctl <command> [overrides ...]

@@ -63,6 +63,8 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
     patch = {k: OmegaConf.to_container(cfg[k]) for k in EVAL_PATCHABLE if cfg[k]}
     patch.get("eval", {}).pop("tta", None) if cfg.eval.tta is None else None
     run_cfg = merge_strict(stored, patch)
+    if ck.BASE not in state and "init_from" in run_cfg:
+        run_cfg.init_from = None  # the checkpoint holds every weight: the starting checkpoint is not needed
     validate(run_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     engine = Engine(run_cfg, run_dir)
@@ -81,7 +83,15 @@ def merge_strict(base: DictConfig, patch: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(base, patch)
 
 
-TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task}
+def export_task(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from nnctl.export import export
+
+    return export(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "export": export_task}
 
 
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

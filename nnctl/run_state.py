@@ -113,10 +113,15 @@ def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
     state = state_dict(engine, metrics)
     if improved:
         ck.save_checkpoint(state, directory / ck.BEST)
+        if adapters.is_adapted(engine.eval_net):  # the same adapter weights in peft's own format, for plain peft
+            engine.eval_net.save_pretrained(directory / PEFT_DIR)
         if c.save_top_k:
             _keep_top_k(engine, state, metrics, directory, c.save_top_k)
     if c.save_last:
         ck.save_checkpoint(state, directory / ck.LAST)
+
+
+PEFT_DIR = "best_peft"  # beside best.pt: adapter_model.safetensors + adapter_config.json
 
 
 def save_last(engine: "Engine") -> Path | None:

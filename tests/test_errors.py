@@ -187,6 +187,18 @@ CASES = [
          r"paths\.output_dir: cannot create .*afile/outputs.*; set paths\.output_dir .* to a writable directory"),
     case("output-dir-not-writable-sweep", ["train", "-m", "paths.output_dir={files}/afile/outputs",
                                            "trainer.max_epochs=1,2"], r"paths\.output_dir: cannot create"),
+    # -- fine-tuning ---------------------------------------------------------------------------------------------------
+    case("lora-targets-nothing", ["train", *TINY, "adapter=lora", "adapter.target_modules=[nothing]"],
+         r"adapter\.target_modules: \['nothing'\] matches no adaptable layer of MLP; its Linear/Conv layers are: "
+         r"blocks\.0\.linear"),
+    case("qlora-without-linear", ["train", "data=synthetic", "data.num_samples=256", "model=cnn", "model.channels=[8]",
+                                  "adapter=qlora", "trainer.device=cpu"],
+         r"adapter: qlora quantizes Linear layers and CNN has none outside its head .*use adapter=lora"),
+    case("hf-path-not-a-model", ["train", "model=hf_causal_lm", "model.path={files}/emptydir", "trainer.device=cpu"],
+         r"model\.path: .*emptydir is not a Hugging Face model folder \(no config\.json\)"),
+    case("init-from-missing", ["train", *TINY, "init_from={files}/nowhere.pt"],
+         r"init_from: .*nowhere\.pt does not exist; pass the nnctl checkpoint"),
+    case("data-classes-unknown", ["train", *TINY, "data.classes=[0,99]"], r"data\.classes: unknown class 99"),
     case("unknown-command", ["trian"], r"^nnctl: unknown command 'trian' \(did you mean 'train'\?\)"),
 ]
 
