@@ -237,7 +237,9 @@ INSTRUCTIONS = [("Name the colour of the sky.", "The sky is blue."), ("Name the 
 
 def make_hf_causal_lm(root: Path, seed: int = 0) -> Path:
     """A 2-layer GPT-2 (about 40k parameters) and a byte-level BPE tokenizer trained on the instruction texts,
-    saved with save_pretrained into `root`: everything a hub model folder holds, built offline."""
+    saved with save_pretrained into `root`: everything a hub model folder holds, built offline. The model is
+    pretrained for a few seconds on the plain texts, so that fine-tuning starts, as it does in practice, from a
+    base that knows the words (adapters on a random base barely move its loss)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -253,7 +255,15 @@ def make_hf_causal_lm(root: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(root)
+    model = GPT2LMHeadModel(config)
+    ids = torch.tensor(fast(" ".join(f"{p} {r}" for p, r in INSTRUCTIONS) * 4)["input_ids"][:256])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(input_ids=ids[None, :64], labels=ids[None, :64]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(root)
     fast.save_pretrained(root)
     return root
 
