@@ -200,7 +200,8 @@ RULES: list[Rule] = [
     Rule("adapter.compute_dtype", STR, lambda v: v in ("float32", "fp32", "bfloat16", "bf16"), "float32 or bfloat16"),
     Rule("init_from", STR, None, "a checkpoint file or run dir", nullable=True),
     Rule("finetune.freeze", LIST, None, "a list of regexes, e.g. finetune.freeze=[features]"),
-    Rule("finetune.lr_mult", DICT, None, "a mapping regex -> number, e.g. finetune.lr_mult={features:0.1}"),
+    Rule("finetune.lr_mult", DICT, None, "a mapping regex -> number, e.g. finetune.lr_mult={features:0.1}",
+         nullable=True),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
 ]

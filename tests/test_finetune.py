@@ -95,7 +95,7 @@ def test_init_from_recreates_a_head_that_does_not_fit(pretrained: Path, tmp_path
 
 
 def test_lr_mult_and_freeze_make_their_own_groups(tmp_path: Path) -> None:
-    engine = _engine([*MLP, "optimizer.lr=0.01", "+finetune.lr_mult={blocks\\.0:0.1}", "finetune.freeze=[blocks.1]"],
+    engine = _engine([*MLP, "optimizer.lr=0.01", "finetune.lr_mult={blocks\\.0:0.1}", "finetune.freeze=[blocks.1]"],
                      tmp_path / "run")
     engine.configure_optimization()
     lrs = sorted({g["lr"] for g in engine.optimizer.param_groups if g["params"]})
