@@ -71,6 +71,8 @@ def load_for_eval(cfg: DictConfig, classifier: bool = False) -> tuple[Any, dict[
     for key in EVAL_ONLY:  # settings of this command, not of the stored run
         patch.get("eval", {}).pop(key, None)
     run_cfg = merge_strict(stored, patch)
+    if ck.BASE not in state and "init_from" in run_cfg:
+        run_cfg.init_from = None  # the checkpoint holds every weight: the starting checkpoint is not needed
     validate(run_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     engine = Engine(run_cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]))
@@ -114,6 +116,14 @@ def merge_strict(base: DictConfig, patch: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(base, patch)
 
 
+def export_task(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from nnctl.export import export
+
+    return export(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
 def tune_task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -146,7 +156,7 @@ def sample_task(cfg: DictConfig) -> dict[str, Any]:
 
 TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task,
                                                  "lr-find": lr_find_task, "explain": explain_task,
-                                                 "sample": sample_task}
+                                                 "sample": sample_task, "export": export_task}
 PATCHING = ("eval", "explain")  # commands that rebuild a run from its checkpoint and patch data/trainer/eval
 
 

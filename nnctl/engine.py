@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from nnctl import checkpoint as ck
 from nnctl import run_state
 from nnctl.ema import EMA
+from nnctl.finetune import starting_point
 from nnctl.errors import Interrupted, UserError
 from nnctl.interrupts import SignalFlag
 from nnctl.metrics import Averages
@@ -56,6 +57,7 @@ class Engine:
         net = complete(instantiate(cfg.model), self.spec, "model")
         if hasattr(net, "init_from_data"):  # data-dependent initialization (e.g. patch whitening)
             net.to(self.device).init_from_data(self.data.sample_images(t.init_samples))
+        net, self.base = starting_point(cfg, net)  # init_from weights, finetune.freeze / lr_mult
         self.net: nn.Module = instantiate(cfg.adapter)(net).to(self.device)  # the module whose weights we save
         if t.grad_checkpointing:
             from nnctl.models import checkpoint_blocks

@@ -75,6 +75,7 @@ OBJECTIVES: dict[str, str] = {
     "gan": "nnctl.objectives.generative:GANObjective",
     "vae": "nnctl.objectives.generative:VAEObjective",
     "diffusion": "nnctl.objectives.generative:DiffusionObjective",
+    "causal_lm": "nnctl.objectives.causal_lm:CausalLM",
 }
 
 
