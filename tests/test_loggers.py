@@ -235,15 +235,16 @@ def test_a_run_that_stops_early_closes_its_tracker_runs_with_that_status(stop: s
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 
+    from nnctl import run_state
     from nnctl.engine import Engine
     from nnctl.errors import Interrupted
 
-    def stop_after_first_epoch(self: Engine, metrics: dict) -> None:
+    def stop_after_first_epoch(engine: Engine, metrics: dict) -> None:
         if stop == "interrupt":  # what SIGTERM between two steps ends in
-            raise Interrupted(signal.SIGTERM, None, self.run_dir)
+            raise Interrupted(signal.SIGTERM, None, engine.run_dir)
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(Engine, "_checkpoint", stop_after_first_epoch)
+    monkeypatch.setattr(run_state, "save_epoch", stop_after_first_epoch)
     if code is None:
         with pytest.raises(ZeroDivisionError):
             main(["train", *TINY, "logger=[csv,mlflow]"])
