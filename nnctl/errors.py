@@ -38,3 +38,12 @@ class Interrupted(KeyboardInterrupt):
         saved = f"saved {checkpoint}" if checkpoint else "checkpoints are off, nothing saved"
         super().__init__(f"stopped by {signal.Signals(signum).name}; {saved}; continue with: "
                          f"nnctl train resume={run_dir}")
+
+
+class WorkersFailed(Exception):
+    """A worker process of a multi-process job failed; the job exits with its exit code (2 for a user error,
+    whose one-line message the worker printed)."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)
