@@ -7,8 +7,22 @@ Exit codes follow `nnctl train`: 0, 2 for a user error (one line on stderr), 128
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+
+
+def _die_with_launcher() -> None:
+    """Linux: have the kernel SIGKILL this worker when the launcher dies, even by kill -9 (the elastic agent starts
+    workers in sessions of their own, so they would otherwise train on as orphans and write into the run dir)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(128 + signal.SIGKILL)
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +33,7 @@ def main(argv: list[str]) -> int:
     from nnctl.commands import train, user_message
     from nnctl.errors import USER_ERROR_EXIT, Interrupted
 
+    _die_with_launcher()
     cfg = OmegaConf.load(argv[0])
     run_dir = Path(cfg.paths.run_dir)
     found = distributed.detect()

@@ -148,7 +148,7 @@ class Dist:
             return net.state_dict()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(net, options=_full_options())
+        return get_model_state_dict(_resharded(net), options=_full_options())
 
     def load_model_state(self, net: "nn.Module", weights: dict[str, Any]) -> None:
         if not self._sharded:
@@ -163,7 +163,7 @@ class Dist:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(net, optimizer, options=_full_options())
+        return get_optimizer_state_dict(_resharded(net), optimizer, options=_full_options())
 
     def load_optimizer_state(self, net: "nn.Module", optimizer: "torch.optim.Optimizer",
                              state: dict[str, Any]) -> None:
@@ -235,6 +235,17 @@ class Dist:
             import torch.distributed as td
 
             td.barrier()
+
+
+def _resharded(net: "nn.Module") -> "nn.Module":
+    """`net` with every FSDP module holding its shards again: a forward without backward (evaluation) leaves the
+    root's parameters gathered, and state dicts must see the sharded parameters the optimizer updates."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return net
 
 
 def _full_options() -> Any:
