@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "train": "train a model: nnctl train [group=option ...] [key=value ...] [-m for sweeps]",
     "eval": "evaluate a checkpoint: nnctl eval ckpt=PATH [split=val] [key=value ...]",
+    "submit": "run nnctl train as a SLURM job (submitit): nnctl submit --nodes 2 --gpus-per-node 4 -- [overrides]",
 }
 
 USAGE = """usage: nnctl <command> [overrides ...]
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         print(f"nnctl: unknown command '{args[0]}'{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if args[0] == "submit":  # not a Hydra app: it submits one
+        from nnctl.submit import main as submit
+
+        return submit(args[1:])
     from nnctl.commands import run
 
     return run(args[0], args[1:])

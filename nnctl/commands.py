@@ -41,12 +41,7 @@ def train_task(cfg: DictConfig) -> dict[str, Any]:
     validate(cfg)
     distributed.publish_run_dir(run_dir)  # launched by torchrun/srun: the other ranks train in this run dir
     print_config(cfg)
-    t = cfg.trainer
-    if t.get("nproc_per_node", 1) > 1 or t.get("nnodes", 1) > 1:
-        if distributed.current().world > 1:
-            raise UserError(f"this process is already one of {distributed.current().world} started by torchrun/"
-                            "srun; drop trainer.nproc_per_node and trainer.nnodes (the launcher sets them)",
-                            key="trainer.nproc_per_node")
+    if distributed.spawns(cfg):  # trainer.nproc_per_node / nnodes > 1: start the workers
         return distributed.launch(cfg, run_dir)
     return train(cfg, run_dir, state)
 

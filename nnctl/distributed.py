@@ -290,7 +290,8 @@ def external_args(args: list[str]) -> list[str]:
     if not run_dir:  # rank 0 failed before its run started, and said why
         raise SystemExit(2)
     quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
-    return [*args, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null", "hydra/job_logging=none"]
+    return [*args, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null",
+            f"hydra.job_logging.handlers.file.filename={os.devnull}"]
 
 
 def publish_run_dir(run_dir: Path | None) -> None:
@@ -304,6 +305,27 @@ def publish_run_dir(run_dir: Path | None) -> None:
 
 
 # -- nnctl's own launcher -------------------------------------------------------------------------------------------
+def spawns(cfg: Any) -> bool:
+    """Whether `nnctl train` starts the job's processes itself (trainer.nproc_per_node / nnodes > 1), after
+    refusing settings that cannot work together."""
+    t = cfg.trainer
+    nproc, nnodes = t.get("nproc_per_node", 1), t.get("nnodes", 1)
+    if nproc * nnodes == 1 and current().world == 1:
+        return False
+    if current().world > 1 and nproc * nnodes > 1:
+        raise UserError(f"this process is already one of {current().world} started by torchrun/srun/submitit; "
+                        "drop trainer.nproc_per_node and trainer.nnodes (the launcher sets them)",
+                        key="trainer.nproc_per_node")
+    if nnodes > 1 and not t.rdzv_endpoint:
+        raise UserError("a job over several nodes meets at one address; set trainer.rdzv_endpoint=HOST:PORT (the "
+                        "first node), or launch with srun / torchrun (README: More than one process)",
+                        key="trainer.rdzv_endpoint")
+    if t.strategy == "fsdp" and t.ema.enabled:
+        raise UserError("an EMA copy of a model sharded by FSDP is not supported; use trainer/ema=off or "
+                        "trainer.strategy=ddp", key="trainer.strategy")
+    return current().world == 1
+
+
 def launch(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Start trainer.nproc_per_node workers on this node (of trainer.nnodes) with torch's elastic launcher; they
     train from the resolved config and rank 0 writes into `run_dir`. Returns rank 0's metrics.json."""
@@ -320,10 +342,6 @@ def launch(cfg: Any, run_dir: Path) -> dict[str, Any]:
     from nnctl.errors import Interrupted, WorkersFailed
 
     t = cfg.trainer
-    if t.nnodes > 1 and not t.rdzv_endpoint:
-        raise UserError("a job over several nodes meets at one address; set trainer.rdzv_endpoint=HOST:PORT (the "
-                        "first node), or launch with srun / torchrun (README: More than one process)",
-                        key="trainer.rdzv_endpoint")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="nnctl-", delete=False) as f:
         f.write(OmegaConf.to_yaml(cfg, resolve=True))
     config = LaunchConfig(

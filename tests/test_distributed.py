@@ -176,3 +176,49 @@ def test_torchrun_shares_rank_0s_run_dir(tmp_path: Path) -> None:
     (run,) = (tmp_path / "outputs" / "train").glob("*/*")
     assert (run / ".hydra" / "config.yaml").is_file() and _metrics(run)["epochs"] == 1
     assert done.stdout.count("nnctl train: 1 epoch(s)") == 1  # rank 0 prints, rank 1 is quiet
+
+
+def test_submitit_local_executor_runs_a_two_task_job(tmp_path: Path) -> None:
+    pytest.importorskip("submitit")
+    code = main(["submit", "--local", "--tasks-per-node", "2", "--wait", "--folder", str(tmp_path / "submitit" / "%j"),
+                 "--", *BASE, "data.batch_size=16", "trainer.max_epochs=1"])
+    assert code == 0
+    (run,) = (tmp_path / "outputs" / "train").glob("*/*")
+    assert (run / ".hydra" / "config.yaml").is_file() and _metrics(run)["epochs"] == 1
+
+
+def _digits(batch_size: int) -> "Digits":  # noqa: F821
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from nnctl.commands import CONFIG_DIR
+
+    cfg = OmegaConf.load(CONFIG_DIR / "data" / "digits.yaml")
+    cfg.root, cfg.batch_size, cfg.eval_batch_size, cfg.augment.hflip = ".", batch_size, 100, True
+    return instantiate(cfg)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_shards_of_every_batch_make_up_one_process_batches(world: int) -> None:
+    """Native sharding (ImageData.shard) and slicing (any data module) give each rank its part of exactly the
+    batches one process sees: order and per-sample augmentation (crop + flip) included, eval splits too."""
+    from nnctl.distributed import Sharded
+
+    device = torch.device("cpu")
+    one = _digits(32).setup(device)
+    native = [_digits(32).shard(r, world).setup(device) for r in range(world)]
+    sliced = [Sharded(_digits(32), r, world).setup(device) for r in range(world)]
+    for parts in (native, sliced):
+        for epoch, start in ((0, 0), (3, 5)):
+            whole = list(one.train_batches(epoch, seed=7, start=start))
+            shards = [list(p.train_batches(epoch, seed=7, start=start)) for p in parts]
+            assert all(len(s) == len(whole) for s in shards)
+            for i, (x, y) in enumerate(whole):
+                assert torch.equal(torch.cat([s[i][0] for s in shards]), x)
+                assert torch.equal(torch.cat([s[i][1] for s in shards]), y)
+        for split in ("val", "test"):
+            whole = list(one.eval_batches(split))
+            shards = [list(p.eval_batches(split)) for p in parts]
+            for i, (x, y) in enumerate(whole):
+                assert torch.equal(torch.cat([s[i][0] for s in shards]), x)
+                assert torch.equal(torch.cat([s[i][1] for s in shards]), y)
