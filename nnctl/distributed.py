@@ -118,6 +118,13 @@ class Dist:
         if self.world == 1:
             return instantiate(cfg_data)
         data = instantiate(cfg_data, batch_size=int(cfg_data.batch_size) * self.world)
+        if self.main:
+            from nnctl.reporting import console
+
+            line = (f"{self.world} processes x data.batch_size {cfg_data.batch_size} = global batch {data.batch_size} "
+                    f"({self.strategy})")
+            log.info(line)
+            console.print(line)
         return data.shard(self.rank, self.world) if hasattr(data, "shard") else Sharded(data, self.rank, self.world)
 
     def wrap(self, net: "nn.Module", device: "torch.device") -> "nn.Module":
