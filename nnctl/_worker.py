@@ -26,6 +26,12 @@ def _die_with_launcher() -> None:
 
 
 def main(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_main)(argv)  # an exception's message reaches the launcher's error line
+
+
+def _main(argv: list[str]) -> int:
     from omegaconf import OmegaConf
 
     from nnctl import checkpoint as ck

@@ -17,7 +17,7 @@ Config-driven deep-learning training (PyTorch + Hydra).
 commands:
 {commands}
 
-Every command is a Hydra app: `nnctl train --help` lists config groups and their options,
+train and eval are Hydra apps: `nnctl train --help` lists config groups and their options,
 `nnctl train --cfg job` prints the composed config, `nnctl train -m key=a,b` sweeps.
 Shell completion: eval "$(nnctl train --shell-completion install=bash)"
 """

@@ -144,6 +144,15 @@ class Dist:
 
         return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
+    def accumulating(self, model: "nn.Module", skip_sync: bool) -> Any:
+        """Around a micro-batch that does not step (gradient accumulation): DDP keeps its gradients local and
+        all-reduces once, with the stepping micro-batch."""
+        import contextlib
+
+        if skip_sync and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
     # -- state: full single-file checkpoints under either strategy ----------------------------------------------------
     @property
     def _sharded(self) -> bool:
@@ -373,8 +382,11 @@ def launch(cfg: Any, run_dir: Path) -> dict[str, Any]:
 
 
 def _cause(failure: Any) -> str:
+    """The failing worker's exception message (recorded by the worker's @record), if it raised one."""
     message = failure.message if isinstance(failure.message, str) else ""
-    return f" ({message.strip().splitlines()[0]})" if message.strip() else ""
+    if not message.strip() or message.startswith("To enable traceback"):  # no error file: it printed its own line
+        return ""
+    return f" ({message.strip().splitlines()[0]})"
 
 
 # -- a data module without native sharding ------------------------------------------------------------------------

@@ -150,7 +150,8 @@ class Engine:
                                                                       n_batches), start=self.batch_in_epoch):
                         # forward, scaled backward and (every grad_accum_steps batches) each group's update
                         stepping = (i + 1) % accum == 0
-                        grad_norm = self._train_batch(to_device(batch, self.device), accum, stepping)
+                        with self.dist.accumulating(self.model, not stepping):  # DDP: all-reduce when stepping
+                            grad_norm = self._train_batch(to_device(batch, self.device), accum, stepping)
                         if not stepping:
                             continue
                         self.optim.after_step()

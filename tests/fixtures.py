@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,3 +230,12 @@ def loader_kwargs(root: Path | str, **overrides: object) -> dict:
 def run_dirs(root: Path, command: str = "train") -> list[Path]:
     """Single-run dirs of `command` under root/outputs (they hold .hydra/), oldest first."""
     return sorted((p.parent for p in (root / "outputs" / command).glob("*/*/.hydra")), key=lambda p: str(p))
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll until `path` exists (e.g. a checkpoint of the training process `proc`); fail if `proc` ends first."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path} appeared: {proc.stderr.read()}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.005)

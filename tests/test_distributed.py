@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import wait_for as _wait_for
 from nnctl import checkpoint as ck
 from nnctl.cli import main
 
@@ -86,14 +87,6 @@ def test_checkpoint_of_two_processes_evaluates_in_one(two: Path, tmp_path: Path)
 def _spawn(run: Path, extra: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "nnctl", "train", *BASE, *TWO, f"hydra.run.dir={run}", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"training ended before {path} appeared: {proc.stderr.read()}"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 def _workers_gone(run: Path, timeout: float = 30) -> None:
