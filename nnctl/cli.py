@@ -7,8 +7,14 @@ import sys
 COMMANDS = {
     "train": "train a model: nnctl train [group=option ...] [key=value ...] [-m for sweeps]",
     "eval": "evaluate a checkpoint: nnctl eval ckpt=PATH [split=val] [key=value ...]",
+    "tune": "search hyperparameters with Optuna: nnctl tune search=NAME [key=value ...] [study_dir=PATH]",
+    "lr-find": "learning-rate range test: nnctl lr-find [group=option ...] [key=value ...]",
+    "explain": "attribution maps: nnctl explain ckpt=PATH method=gradcam|integrated_gradients|saliency|occlusion",
+    "summary": "ranked table of a sweep or tune study: nnctl summary SWEEP_DIR",
     "submit": "run nnctl train as a SLURM job (submitit): nnctl submit --nodes 2 --gpus-per-node 4 -- [overrides]",
 }
+# commands that are not Hydra apps: module with main(args) -> int
+PLAIN = {"summary": "nnctl.sweep_summary", "submit": "nnctl.submit"}
 
 USAGE = """usage: nnctl <command> [overrides ...]
 
@@ -17,14 +23,14 @@ Config-driven deep-learning training (PyTorch + Hydra).
 commands:
 {commands}
 
-train and eval are Hydra apps: `nnctl train --help` lists config groups and their options,
+Commands other than summary and submit are Hydra apps: `nnctl train --help` lists config groups and their options,
 `nnctl train --cfg job` prints the composed config, `nnctl train -m key=a,b` sweeps.
 Shell completion: eval "$(nnctl train --shell-completion install=bash)"
 """
 
 
 def _usage() -> str:
-    return USAGE.format(commands="\n".join(f"  {name:<7}{text}" for name, text in COMMANDS.items()))
+    return USAGE.format(commands="\n".join(f"  {name:<8}{text}" for name, text in COMMANDS.items()))
 
 
 def _completion_command() -> str | None:
@@ -63,10 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         print(f"nnctl: unknown command '{args[0]}'{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    if args[0] == "submit":  # not a Hydra app: it submits one
-        from nnctl.submit import main as submit
+    if args[0] in PLAIN:
+        import importlib
 
-        return submit(args[1:])
+        return importlib.import_module(PLAIN[args[0]]).main(args[1:])
     from nnctl.commands import run
 
     return run(args[0], args[1:])

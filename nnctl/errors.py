@@ -40,6 +40,16 @@ class Interrupted(KeyboardInterrupt):
                          f"nnctl train resume={run_dir}")
 
 
+class TrialPruned(Exception):
+    """Raised by an epoch hook to stop a search trial whose metric is not promising (`nnctl tune`'s pruner).
+
+    The run stops after the epoch's checkpoints were written; the tuner records the trial as pruned."""
+
+    def __init__(self, epoch: int, value: float) -> None:
+        self.epoch, self.value = epoch, value
+        super().__init__(f"pruned after epoch {epoch} (metric {value:.4g})")
+
+
 class WorkersFailed(Exception):
     """A worker process of a multi-process job failed; the job exits with its exit code (2 for a user error,
     whose one-line message the worker printed)."""
