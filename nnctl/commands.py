@@ -212,7 +212,11 @@ def run(command: str, args: list[str]) -> int:
     if command == "train":
         from nnctl.distributed import external_args
 
-        args = external_args(args)  # started by torchrun/srun: ranks > 0 run in rank 0's run dir
+        try:
+            args = external_args(args)  # started by torchrun/srun: ranks > 0 run in rank 0's run dir
+        except UserError as exc:
+            print(f"nnctl {command}: error: {exc}", file=sys.stderr)
+            return USER_ERROR_EXIT
     sys.argv = ["nnctl", *args]
     parser = get_args_parser()
     parsed = parser.parse_args(args)

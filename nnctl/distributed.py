@@ -135,7 +135,10 @@ class Dist:
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for holder in [m for m in net.modules() if hasattr(m, "blocks")]:
+            import torch.nn as nn
+
+            for holder in [m for m in net.modules() if isinstance(getattr(m, "blocks", None),
+                                                                  (nn.ModuleList, nn.Sequential))]:
                 for block in holder.blocks:
                     fully_shard(block)
             fully_shard(net)
