@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -185,21 +185,24 @@ def is_adapted(net: nn.Module) -> bool:
     return hasattr(net, "peft_config")
 
 
-def model_state(net: nn.Module, eval_net: nn.Module) -> dict[str, torch.Tensor]:
+def model_state(net: nn.Module, eval_net: nn.Module,
+                read: Callable[[nn.Module], dict[str, torch.Tensor]] = nn.Module.state_dict) -> dict[str, torch.Tensor]:
     """The weights a checkpoint stores: everything for a plainly trained model; for an adapted one, the
-    parameters that train (adapter, saved modules) and the buffers (norm statistics move in training)."""
-    state = eval_net.state_dict()
+    parameters that train (adapter, saved modules) and the buffers (norm statistics move in training).
+    `read` gets a module's whole state (several processes: gathered from its shards)."""
+    state = read(eval_net)
     if not is_adapted(net):
         return state
     keep = {n for n, p in net.named_parameters() if p.requires_grad} | {n for n, _ in net.named_buffers()}
     return {k: v for k, v in state.items() if k in keep}
 
 
-def load_model_state(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load `model_state`'s output; an adapted model's frozen base stays as built. Mismatches raise RuntimeError
-    as nn.Module.load_state_dict does."""
+def load_model_state(net: nn.Module, state: dict[str, torch.Tensor],
+                     load: Callable[[nn.Module, dict[str, torch.Tensor]], Any] | None = None) -> None:
+    """Load `model_state`'s output (with `load`, e.g. into shards; default nn.Module.load_state_dict); an adapted
+    model's frozen base stays as built. Mismatches raise RuntimeError as nn.Module.load_state_dict does."""
     if not is_adapted(net):
-        net.load_state_dict(state)
+        (load or nn.Module.load_state_dict)(net, state)
         return
     missing, unexpected = net.load_state_dict(state, strict=False)
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}

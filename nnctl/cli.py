@@ -13,8 +13,10 @@ COMMANDS = {
     "summary": "ranked table of a sweep or tune study: nnctl summary SWEEP_DIR",
     "sample": "draw images from a generative checkpoint: nnctl sample ckpt=PATH [num_samples=64] [out=grid.png]",
     "export": "export a checkpoint's model: nnctl export ckpt=PATH out=DIR [merge=false]",
+    "submit": "run nnctl train as a SLURM job (submitit): nnctl submit --nodes 2 --gpus-per-node 4 -- [overrides]",
 }
-PLAIN = {"summary": "nnctl.sweep_summary"}  # commands that are not Hydra apps: module with main(args) -> int
+# commands that are not Hydra apps: module with main(args) -> int
+PLAIN = {"summary": "nnctl.sweep_summary", "submit": "nnctl.submit"}
 
 USAGE = """usage: nnctl <command> [overrides ...]
 
@@ -23,7 +25,7 @@ Config-driven deep-learning training (PyTorch + Hydra).
 commands:
 {commands}
 
-Every command is a Hydra app: `nnctl train --help` lists config groups and their options,
+Commands other than summary and submit are Hydra apps: `nnctl train --help` lists config groups and their options,
 `nnctl train --cfg job` prints the composed config, `nnctl train -m key=a,b` sweeps.
 Shell completion: eval "$(nnctl train --shell-completion install=bash)"
 """

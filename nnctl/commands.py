@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from nnctl.errors import USER_ERROR_EXIT, Interrupted, UserError, one_line
+from nnctl.errors import USER_ERROR_EXIT, Interrupted, UserError, WorkersFailed, one_line
 
 CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
 GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer", "logger")
@@ -29,9 +29,8 @@ FAILED: list[BaseException] = []  # a single run's exception, raised again after
 def train_task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
-    from nnctl import checkpoint as ck
-    from nnctl.engine import Engine
-    from nnctl.reporting import print_config, print_model_summary
+    from nnctl import distributed
+    from nnctl.reporting import print_config
     from nnctl.validate import validate
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -41,12 +40,27 @@ def train_task(cfg: DictConfig) -> dict[str, Any]:
 
         cfg, state, run_dir = resume_config(cfg, HydraConfig.get().overrides.task, CONFIG_DIR)
     validate(cfg)
+    distributed.publish_run_dir(run_dir)  # launched by torchrun/srun: the other ranks train in this run dir
     print_config(cfg)
+    if distributed.spawns(cfg):  # trainer.nproc_per_node / nnodes > 1: start the workers
+        return distributed.launch(cfg, run_dir)
+    return train(cfg, run_dir, state)
+
+
+def train(cfg: DictConfig, run_dir: Path, state: dict[str, Any] | None) -> dict[str, Any]:
+    """Train (or continue from `state`) in this process, one of the job's ranks or the only one."""
+    from nnctl import checkpoint as ck
+    from nnctl.engine import Engine
+    from nnctl.reporting import print_model_summary
+
     engine = Engine(cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]) if state else (0, 0))
-    print_model_summary(engine.model)
-    if state is not None:
-        engine.load_state_dict(state, full=True)
-    return engine.fit()
+    try:
+        print_model_summary(engine.net)
+        if state is not None:
+            engine.load_state_dict(state, full=True)
+        return engine.fit()
+    finally:
+        engine.dist.teardown()
 
 
 def load_for_eval(cfg: DictConfig, classifier: bool = False) -> tuple[Any, dict[str, Any], Path, Path]:
@@ -216,6 +230,14 @@ def run(command: str, args: list[str]) -> int:
 
     if command in PATCHING:
         args = _prepare_eval_args(args)
+    if command == "train":
+        from nnctl.distributed import external_args
+
+        try:
+            args = external_args(args)  # started by torchrun/srun: ranks > 0 run in rank 0's run dir
+        except UserError as exc:
+            print(f"nnctl {command}: error: {exc}", file=sys.stderr)
+            return USER_ERROR_EXIT
     sys.argv = ["nnctl", *args]
     parser = get_args_parser()
     parsed = parser.parse_args(args)
@@ -228,6 +250,9 @@ def run(command: str, args: list[str]) -> int:
                    config_path=str(CONFIG_DIR), config_name=command)
         if FAILED:
             raise FAILED[0]
+    except WorkersFailed as exc:  # a worker of a multi-process job printed its error (or traceback) above
+        print(f"nnctl {command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except Interrupted as exc:  # graceful SIGINT/SIGTERM stop: last.pt saved
         print(f"nnctl {command}: {exc}", file=sys.stderr)
         return 128 + exc.signum
@@ -243,6 +268,10 @@ def run(command: str, args: list[str]) -> int:
     finally:
         if not full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+        if command == "train":
+            from nnctl.distributed import publish_run_dir
+
+            publish_run_dir(None)  # a job that failed before its run started: the other ranks stop too
     return _report_jobs(command)
 
 

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nnctl import checkpoint as ck
-from nnctl import run_state
+from nnctl import distributed, run_state
 from nnctl.ema import EMA
 from nnctl.finetune import starting_point
 from nnctl.errors import Interrupted, UserError
@@ -47,11 +47,12 @@ class Engine:
         self.cfg = cfg = self.stage.cfg if self.stage else cfg  # the config in force (the current stage's)
         # Plain attributes, not OmegaConf nodes: a node lookup costs ~15 us, and the step loop reads several.
         self.t = t = _Settings(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer.")
-        self.device = pick_device(t.device)
+        self.dist = distributed.current()  # this process's rank among the job's (a world of one by default)
+        self.device = self.dist.setup(t, pick_device(t.device))
         seed_everything(t.seed, t.deterministic)
         self.precision = instantiate(cfg.precision)
         self.precision.check(self.device)
-        self.data = instantiate(cfg.data).setup(self.device)
+        self.data = self.dist.build_data(cfg.data).setup(self.device)  # yields this rank's share of each batch
         self.spec: dict[str, Any] = dict(self.data.spec)
         _check_image_features(cfg, self.spec)
         net = complete(instantiate(cfg.model), self.spec, "model")
@@ -66,7 +67,8 @@ class Engine:
         if t.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
             self.data.memory_format = torch.channels_last
-        self.model = torch.compile(self.net) if t.compile else self.net  # what runs forward passes
+        model = self.dist.wrap(self.net, self.device)  # DDP / FSDP2 with several processes
+        self.model = torch.compile(model) if t.compile else model  # what runs forward passes
         self.ema = EMA(self.net, t.ema.decay) if t.ema.enabled else None
         # the model is offered too: objective=auto follows a model that names its objective (generative models)
         self.objective = complete(instantiate(cfg.objective), self.spec, "objective", model=net)
@@ -141,14 +143,16 @@ class Engine:
                             "accumulation cannot split; set trainer.grad_accum_steps=1 and raise data.batch_size",
                             key="trainer.grad_accum_steps")
         self.optim = Optimization(self.cfg, groups, self.device, self.scaler, t, self.total_steps(),
-                                  n // t.grad_accum_steps)
+                                  n // t.grad_accum_steps, self.dist, self.net)
 
     # -- the training loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         t = self.t
         if self.optim is None:
             self.configure_optimization()
-        self.loggers = loggers = build_loggers(self.stored_cfg, self.run_dir, self.logger_state)
+        # only rank 0 talks to the trackers; the others log nowhere
+        self.loggers = loggers = (build_loggers(self.stored_cfg, self.run_dir, self.logger_state) if self.dist.main
+                                  else Loggers({}))
         max_steps = (t.max_steps or math.inf) if self.stages else self.total_steps()
         done = self.step >= max_steps
         if self.stage and self.stages.at(self.epoch) is self.stage:
@@ -173,7 +177,8 @@ class Engine:
                                                                       n_batches), start=self.batch_in_epoch):
                         # forward, scaled backward and (every grad_accum_steps batches) each group's update
                         stepping = (i + 1) % accum == 0
-                        grad_norm = self._train_batch(to_device(batch, self.device), accum, stepping)
+                        with self.dist.accumulating(self.model, not stepping):  # DDP: all-reduce when stepping
+                            grad_norm = self._train_batch(to_device(batch, self.device), accum, stepping)
                         if not stepping:
                             continue
                         self.optim.after_step()
@@ -182,18 +187,18 @@ class Engine:
                             self.ema.update(self.net)
                         # periodic logging: the only place the loop waits for the device
                         if self.step % t.log_every_n_steps == 0:
-                            log_step(loggers, bar, task, window, self.sums, self.optimizer, self.optim.params,
-                                     grad_norm, self.step, self.batch_in_epoch)
+                            log_step(loggers, bar, task, window, self.dist.reduce(self.sums), self.optimizer,
+                                     self.optim.params, grad_norm, self.step, self.batch_in_epoch)
                         # a pending SIGINT/SIGTERM ends the run here, between two steps, with last.pt saved
-                        if self.signals.received is not None:
-                            self._interrupt()
+                        if (signum := self.dist.vote_stop(self.signals.received)) is not None:
+                            self._interrupt(signum)
                         if self.step >= max_steps:
                             done = True
                             break
                     bar.update(task, completed=self.batch_in_epoch)  # the log cadence may end short of it
                 # validation, epoch-level schedule, checkpoints, early stopping
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                train = self._means(self.sums, "train")  # waits for the device: the throughput below is exact
+                train = self._means(self.dist.reduce(self.sums), "train")  # waits for the device: exact throughput
                 self.history["throughput"] = {"train/samples_per_s": epoch_window.rate(self.step)}
                 metrics = {**train, **self.evaluate("val")}
                 self.objective.after_validation(self.eval_net, self.data, self.epoch, self.run_dir, loggers,
@@ -213,8 +218,8 @@ class Engine:
                     console.print(f"early stopping: {t.early_stopping.monitor} has not improved for "
                                   f"{self.stopper.bad_checks} epochs")
                     break
-                if self.signals.received is not None:
-                    self._interrupt()
+                if (signum := self.dist.vote_stop(self.signals.received, now=True)) is not None:
+                    self._interrupt(signum)
             return self._finish(loggers, time.perf_counter() - started)
 
     def _train_batch(self, batch: Any, accum: int, stepping: bool) -> torch.Tensor | None:
@@ -245,7 +250,7 @@ class Engine:
         self.t = _Settings(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer.")
         if cfg.data != before.data:
             memory_format = getattr(self.data, "memory_format", None)
-            self.data = instantiate(cfg.data).setup(self.device)
+            self.data = self.dist.build_data(cfg.data).setup(self.device)
             if memory_format is not None:
                 self.data.memory_format = memory_format
             self.spec = dict(self.data.spec)
@@ -259,8 +264,8 @@ class Engine:
             opt.load_state_dict(state)
         console.print(f"stage {stage.index + 1}/{len(self.stages)}: {stage.name}")
 
-    def _interrupt(self) -> None:
-        raise Interrupted(self.signals.received, run_state.save_last(self), self.run_dir)
+    def _interrupt(self, signum: int) -> None:
+        raise Interrupted(signum, run_state.save_last(self), self.run_dir)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -275,7 +280,7 @@ class Engine:
             with self.precision.autocast(self.device):
                 self.objective.eval_update(model, to_device(batch, self.device), metrics, self.cfg.eval.tta)
         model.train(was_training)
-        return self._means(metrics, split)
+        return self._means(self.dist.reduce(metrics), split)  # every rank's share of the split
 
     def _means(self, sums: Averages, split: str) -> dict[str, float]:
         return {f"{split}/{k}": v for k, v in self.objective.summarize(sums.means()).items()}
@@ -290,6 +295,7 @@ class Engine:
     # -- end of run -----------------------------------------------------------------------------------------------
     def _finish(self, loggers: Loggers, seconds: float) -> dict[str, Any]:
         best_path = self.run_dir / "checkpoints" / ck.BEST
+        self.dist.barrier()  # rank 0 has written it
         if best_path.is_file():  # test with the best weights, exactly as `nnctl eval` will load them
             self.load_state_dict(ck.load_checkpoint(best_path, self.device), full=False)
         test = self.evaluate("test")
@@ -307,7 +313,8 @@ class Engine:
         loggers.hparams(flat_params(self.stored_cfg), final)
         if best_path.is_file():
             loggers.artifact(best_path)
-        write_json(self.run_dir / "metrics.json", result)
+        if self.dist.main:
+            write_json(self.run_dir / "metrics.json", result)
         print_metrics(f"nnctl train: {self.epoch} epoch(s), {self.step} steps, {seconds:.1f}s", rows)
         console.print(f"run dir: {self.run_dir}")
         return result

@@ -48,3 +48,12 @@ class TrialPruned(Exception):
     def __init__(self, epoch: int, value: float) -> None:
         self.epoch, self.value = epoch, value
         super().__init__(f"pruned after epoch {epoch} (metric {value:.4g})")
+
+
+class WorkersFailed(Exception):
+    """A worker process of a multi-process job failed; the job exits with its exit code (2 for a user error,
+    whose one-line message the worker printed)."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)

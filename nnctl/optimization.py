@@ -56,8 +56,14 @@ class Optimization:
     """One optimizer and schedule per parameter group, one loss scaler, and the non-finite-loss guard."""
 
     def __init__(self, cfg: DictConfig, groups: dict[str, list[nn.Parameter]], device: torch.device,
-                 scaler: torch.amp.GradScaler, trainer: Any, total_steps: int, steps_per_epoch: int) -> None:
+                 scaler: torch.amp.GradScaler, trainer: Any, total_steps: int, steps_per_epoch: int,
+                 dist: Any = None, net: nn.Module | None = None) -> None:
+        """`dist` (nnctl.distributed.Dist) and `net`: with several processes, the NaN guard decides on every
+        rank's loss, and optimizer state is saved and loaded whole (gathered from FSDP shards)."""
+        from nnctl.distributed import Dist
+
         self.t, self.device, self.scaler = trainer, device, scaler
+        self.dist, self.net = dist or Dist(), net
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedules: dict[str, Any] = {}
         for name, params in groups.items():
@@ -94,6 +100,7 @@ class Optimization:
             self.scaler.unscale_(opt)
             grad_norm = nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                                  self.t.grad_clip_norm)
+            grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # FSDP: the norm over all shards
         self.scaler.step(opt)
         self.scaler.update()
         self.zero_grad()
@@ -119,7 +126,7 @@ class Optimization:
         """
         if self.device.type == "cuda" and (step + 1) % self.t.log_every_n_steps:
             return False
-        value = loss.item()  # no detach needed: item() reads the value
+        value = self.dist.mean_loss(loss)  # the mean over ranks: every rank skips or stops alike
         if math.isfinite(value):
             self._bad_steps, self._last_finite = 0, value
             return False
@@ -135,7 +142,7 @@ class Optimization:
     # -- checkpoint state -------------------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(optimizer states, schedule states), each keyed by group name."""
-        return ({n: o.state_dict() for n, o in self.optimizers.items()},
+        return ({n: self.dist.optimizer_state(self.net, o) for n, o in self.optimizers.items()},
                 {n: s.state_dict() for n, s in self.schedules.items()})
 
     def load_state_dict(self, optimizers: dict[str, Any], schedules: dict[str, Any]) -> None:
@@ -144,5 +151,5 @@ class Optimization:
                             f"{sorted(self.optimizers)}; resume with the configuration it was trained with",
                             key="resume")
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(optimizers[name])
+            self.dist.load_optimizer_state(self.net, opt, optimizers[name])
             self.schedules[name].load_state_dict(schedules[name])

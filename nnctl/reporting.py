@@ -55,7 +55,7 @@ def _fmt(v: float | None) -> str:
 def epoch_progress(enabled: bool) -> Progress:
     return Progress(TextColumn("[b]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled, transient=False)
+                    console=console, disable=not enabled or console.quiet, transient=False)
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

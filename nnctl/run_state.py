@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch.nn as nn
 from omegaconf import OmegaConf
@@ -48,13 +48,14 @@ def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
     optimizers, schedules = engine.optim.state_dict() if engine.optim else ({}, {})
     state = {
         ck.CONFIG: OmegaConf.to_yaml(engine.stored_cfg, resolve=True),
-        ck.MODEL: adapters.model_state(engine.net, engine.eval_net),  # adapter runs: only what trained
+        # the whole model (FSDP gathers it from the shards), or for adapter runs only what trained
+        ck.MODEL: adapters.model_state(engine.net, engine.eval_net, engine.dist.model_state),
         ck.OPTIMIZER: optimizers,
         ck.SCHEDULER: schedules,
         ck.SCALER: engine.scaler.state_dict(),
         ck.EPOCH: engine.epoch, ck.STEP: engine.step, ck.BATCH_IN_EPOCH: engine.batch_in_epoch,
         ck.TRACKERS: {"best": engine.best.state_dict(), "early_stopping": engine.stopper.state_dict(),
-                      "history": engine.history, "epoch_sums": engine.sums.state_dict()},
+                      "history": engine.history, "epoch_sums": engine.dist.reduce(engine.sums).state_dict()},
         ck.METRICS: metrics,
         ck.RNG: ck.rng_state(),
         ck.EXTRA: {"train_model": adapters.model_state(engine.net, engine.net), "ema_updates": engine.ema.updates}
@@ -79,7 +80,7 @@ def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None
         from nnctl.finetune import check_base
 
         check_base(state[ck.BASE], base_reference(engine))
-    load_weights(engine.eval_net, state[ck.MODEL])
+    load_weights(engine.eval_net, state[ck.MODEL], engine.dist.load_model_state)
     if not full:
         return
     extra = state[ck.EXTRA]
@@ -96,7 +97,8 @@ def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None
     engine.best.load_state_dict(trackers["best"])
     engine.stopper.load_state_dict(trackers["early_stopping"])
     engine.history = trackers["history"]
-    engine.sums = Averages(trackers["epoch_sums"])
+    # the epoch's sums so far, over all ranks: rank 0 carries them on, so the epoch's reduction counts them once
+    engine.sums = Averages(trackers["epoch_sums"] if engine.dist.main else None)
     ck.set_rng_state(state[ck.RNG])
     engine.logger_state = state.get(ck.LOGGERS, {})  # tracker runs to continue
 
@@ -115,7 +117,9 @@ def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
     if not (c.enabled and due):
         return
     directory = engine.run_dir / "checkpoints"
-    state = state_dict(engine, metrics)
+    state = state_dict(engine, metrics)  # on every rank: FSDP gathers the weights collectively
+    if not engine.dist.main:
+        return
     if improved:
         ck.save_checkpoint(state, directory / ck.BEST)
         if adapters.is_adapted(engine.eval_net):  # the same adapter weights in peft's own format, for plain peft
@@ -136,7 +140,9 @@ def save_last(engine: "Engine") -> Path | None:
     if not engine.t.checkpoint.enabled:
         return None
     path = engine.run_dir / "checkpoints" / ck.LAST
-    ck.save_checkpoint(state_dict(engine, engine.history.get("last", {})), path)
+    state = state_dict(engine, engine.history.get("last", {}))
+    if engine.dist.main:
+        ck.save_checkpoint(state, path)
     return path
 
 
@@ -150,9 +156,10 @@ def _keep_top_k(engine: "Engine", state: dict[str, Any], metrics: dict[str, floa
         stale.unlink(missing_ok=True)
 
 
-def load_weights(module: nn.Module, weights: dict[str, Any]) -> None:
+def load_weights(module: nn.Module, weights: dict[str, Any], load: Callable[..., None] | None = None) -> None:
+    """`load(module, weights)` defaults to module.load_state_dict (FSDP loads whole weights into shards)."""
     try:
-        adapters.load_model_state(module, weights)
+        adapters.load_model_state(module, weights, load)
     except RuntimeError as exc:
         detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc)).rstrip(".")
         raise UserError(f"the checkpoint's weights do not fit the model built from this config ({detail[:200]}); "

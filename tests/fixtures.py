@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,3 +276,10 @@ def write_instructions(path: Path, copies: int = 16) -> Path:
 
     path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in INSTRUCTIONS * copies))
     return path
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll until `path` exists (e.g. a checkpoint of the training process `proc`); fail if `proc` ends first."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path} appeared: {proc.stderr.read()}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.005)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nnctl import checkpoint as ck
+from fixtures import wait_for as _wait_for
 from nnctl.cli import main
 
 # Deterministic and CPU-cheap, but long enough per epoch (40 steps) that a signal lands mid-epoch.
@@ -56,14 +57,6 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _spawn(run: Path, extra: list[str] = ()) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "nnctl", "train", *TINY, f"hydra.run.dir={run}", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"training ended before {path} appeared: {proc.stderr.read()}"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
 
 
 def test_kill9_mid_epoch_then_resume_is_bitwise_identical(straight: Path, tmp_path: Path) -> None:

@@ -5,31 +5,47 @@ import torch
 import torch.nn.functional as F
 
 
-def crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator, padded: bool = False) -> torch.Tensor:
-    """Per image: a random translation by up to `padding` px (zero fill) and, with `hflip`, a mirror with
-    probability 1/2. One gather over the flattened pixels (rows, columns and the flip folded into one index), no
-    per-image Python.
+def draw_crop_flip(n: int, padding: int, hflip: bool, gen: torch.Generator,
+                   device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Augmentation parameters for `n` images: row shifts, column shifts (in [0, 2*padding]) and mirror flags,
+    each None when unused; drawn in that order, so one generator state gives one set of draws."""
+    dy = dx = flip = None
+    if padding > 0:
+        dy = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=gen)
+        dx = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=gen)
+    if hflip:
+        flip = torch.rand(n, device=device, generator=gen) < 0.5
+    return dy, dx, flip
+
+
+def apply_crop_flip(x: torch.Tensor, padding: int, dy: torch.Tensor | None, dx: torch.Tensor | None,
+                    flip: torch.Tensor | None, padded: bool = False) -> torch.Tensor:
+    """Per image: a translation by (dy - padding, dx - padding) px (zero fill) and a mirror where `flip`. One
+    gather over the flattened pixels (rows, columns and the flip folded into one index), no per-image Python.
 
     x: [B, C, H, W], or with `padded` already zero-padded by `padding` on each side, [B, C, H+2p, W+2p], so a
-    resident dataset is padded once rather than every batch -> [B, C, H, W].
-    Random draws: row shifts, column shifts, then flips (each only when used).
+    resident dataset is padded once rather than every batch -> [B, C, H, W]. dy, dx, flip: [B] (or None).
     """
     if padding > 0 and not padded:
         x = F.pad(x, (padding, padding, padding, padding))  # [B, C, H+2p, W+2p]
     b, c, hp, wp = x.shape
     h, w = hp - 2 * max(padding, 0), wp - 2 * max(padding, 0)
-    if padding <= 0 and not hflip:
+    if dy is None and flip is None:
         return x
     dev = x.device
     rows, cols = torch.arange(h, device=dev).expand(b, h), torch.arange(w, device=dev).expand(b, w)  # [B, H], [B, W]
-    if padding > 0:
-        rows = rows + torch.randint(0, 2 * padding + 1, (b, 1), device=dev, generator=gen)
-        cols = cols + torch.randint(0, 2 * padding + 1, (b, 1), device=dev, generator=gen)
-    if hflip:
-        flip = torch.rand(b, device=dev, generator=gen) < 0.5
+    if dy is not None:
+        rows, cols = rows + dy[:, None], cols + dx[:, None]
+    if flip is not None:
         cols = torch.where(flip[:, None], cols.flip(1), cols)  # mirrored order of the same window
     index = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w)  # [B, 1, H*W] into the flat padded image
     return x.reshape(b, c, hp * wp).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
+
+
+def crop_flip(x: torch.Tensor, padding: int, hflip: bool, gen: torch.Generator, padded: bool = False) -> torch.Tensor:
+    """A random translation by up to `padding` px and, with `hflip`, a mirror with probability 1/2, per image
+    (see apply_crop_flip); the parameters are drawn from `gen`."""
+    return apply_crop_flip(x, padding, *draw_crop_flip(len(x), max(padding, 0), hflip, gen, x.device), padded)
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 A dataset subclass only turns its files into uint8 arrays (`load`). This base class splits them, holds them as
 one uint8 tensor on the training device (or streams them through a DataLoader when they do not fit), and yields
-augmented, normalized batches. Batch order and augmentation draws depend only on (seed, epoch, batch index), so
-a run resumed in the middle of an epoch sees exactly the batches an uninterrupted run would have seen.
+augmented, normalized batches. Batch order depends only on (seed, epoch), and each sample's augmentation on (seed,
+epoch, its position in the epoch), so a run resumed in the middle of an epoch sees exactly the batches an
+uninterrupted run would have seen, and N processes that each take their share of every batch (`shard`) together
+see exactly the batches of one process.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from nnctl.data.augment import Normalize, crop_flip
+from nnctl.data.augment import Normalize, apply_crop_flip, draw_crop_flip
 from nnctl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ def _take(x: torch.Tensor | Dataset, index: torch.Tensor) -> torch.Tensor | Data
 
 
 def _mix(*parts: int) -> int:
-    """A stable 63-bit seed from integers (seed, epoch, batch) for per-batch generators."""
+    """A stable 63-bit seed from integers, e.g. (seed, epoch), for generators."""
     h = 1469598103934665603
     for p in parts:
         h = ((h ^ (p + 0x9E3779B97F4A7C15)) * 1099511628211) % (1 << 63)
@@ -80,6 +82,7 @@ class ImageData:
         self.memory_format = torch.contiguous_format  # the engine sets channels_last for NHWC conv nets
         self.splits: dict[str, tuple[torch.Tensor | Dataset, torch.Tensor]] = {}
         self._ready: dict[tuple[str, int], tuple[torch.Tensor, bool]] = {}  # see _prepared
+        self.rank, self.world = 0, 1  # see shard
 
     # -- implemented by each dataset ------------------------------------------------------------------------------
     def load(self) -> Arrays:
@@ -138,6 +141,12 @@ class ImageData:
         return {"input": "image", "target": "class", "in_shape": self.in_shape, "num_classes": self.num_classes,
                 "classes": list(self.classes), "pixel_mean": self.normalize.mean, "pixel_std": self.normalize.std}
 
+    def shard(self, rank: int, world: int) -> "ImageData":
+        """Yield only process `rank`'s share of each batch: batch_size (the global batch) must divide by `world`.
+        Every process draws the same order and augmentation parameters and gathers its own samples."""
+        self.rank, self.world = rank, world
+        return self
+
     def num_batches(self, split: str) -> int:
         n = len(self.splits[split][1])
         return n // self.batch_size if split == "train" else math.ceil(n / self.eval_batch_size)
@@ -150,7 +159,8 @@ class ImageData:
         return self.normalize(batch.to(self.device))
 
     def train_batches(self, epoch: int, seed: int, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
-        """Augmented, normalized training batches [start, stop) of `epoch` (drop_last, shuffled)."""
+        """Augmented, normalized training batches [start, stop) of `epoch` (drop_last, shuffled); with `shard`,
+        this process's columns of each."""
         x, y = self.splits["train"]
         n_batches = self.num_batches("train")
         stop = n_batches if stop is None else min(stop, n_batches)
@@ -158,24 +168,39 @@ class ImageData:
             order = torch.arange(len(y))
         else:
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
-        order = order[: n_batches * self.batch_size].view(n_batches, self.batch_size)[start:stop]
+        order = self._mine(order[: n_batches * self.batch_size].view(n_batches, self.batch_size)[start:stop])
         if self.overfit_batches or not (self.crop_padding > 0 or self.hflip):
             yield from self._plain_batches("train", order)
             return
+        # One draw per position in the epoch, from one (seed, epoch) generator: a sample's augmentation does not
+        # depend on how the batch is split over processes, nor on where a resumed run starts.
+        gen = torch.Generator(device=self.device).manual_seed(_mix(seed, epoch))
+        draws = draw_crop_flip(n_batches * self.batch_size, self.crop_padding, self.hflip, gen, self.device)
+        positions = self._mine(torch.arange(n_batches * self.batch_size, device=self.device)
+                               .view(n_batches, self.batch_size)[start:stop])  # [batches, B / world]
         # resident: the split is padded (and normalized, when it fits) once; streamed: each batch is padded here
         x, normalized = self._prepared("train", self.crop_padding) if self.resident else (x, False)
-        gen = torch.Generator(device=self.device)
-        for i, (xb, yb) in enumerate(self._batches(x, y, order), start=start):
-            gen.manual_seed(_mix(seed, epoch, i))
-            xb = crop_flip(xb, self.crop_padding, self.hflip, gen, padded=self.resident)
+        for pos, (xb, yb) in zip(positions, self._batches(x, y, order)):
+            dy, dx, flip = (d if d is None else d[pos] for d in draws)
+            xb = apply_crop_flip(xb, self.crop_padding, dy, dx, flip, padded=self.resident)
             yield (xb if normalized else self.normalize(xb)).contiguous(memory_format=self.memory_format), yb
 
     def eval_batches(self, split: str, stop: int | None = None) -> Iterator[Batch]:
-        """Normalized, unaugmented batches of `split` ('val' or 'test') in order."""
+        """Normalized, unaugmented batches of `split` ('val' or 'test') in order; with `shard`, this process's
+        part of each (near-equal parts: every sample is evaluated once across the processes)."""
         order = torch.arange(len(self.splits[split][1])).split(self.eval_batch_size)[:stop]
+        if self.world > 1:
+            order = [idx.tensor_split(self.world)[self.rank] for idx in order]
         yield from self._plain_batches(split, order)
 
     # -- internals ------------------------------------------------------------------------------------------------
+    def _mine(self, blocks: torch.Tensor) -> torch.Tensor:
+        """[batches, B] -> this process's columns [batches, B / world]."""
+        if self.world == 1:
+            return blocks
+        per = self.batch_size // self.world
+        return blocks[:, self.rank * per:(self.rank + 1) * per]
+
     def _plain_batches(self, split: str, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
         """Unaugmented batches: slices of the split normalized once when it allows, else normalized per batch."""
         x, y = self.splits[split]

@@ -1,0 +1,440 @@
+"""Training on several processes with torch.distributed: detecting how the processes were started, the process
+group, launching workers with torch's elastic launcher, sharding data, wrapping the model (DDP or FSDP2), the
+reductions that keep every rank's decisions equal, and writing from rank 0 only.
+
+Three ways in, one run dir:
+- `nnctl train trainer.nproc_per_node=N`: the Hydra job runs once (run dir, resolved config), then starts N workers
+  (`python -m nnctl._worker CONFIG`) through `torch.distributed.launcher.api.elastic_launch`, torchrun's machinery.
+- `torchrun ... -m nnctl train ...`, `srun` (one task per device), submitit: every process runs the Hydra app;
+  ranks > 0 wait for rank 0's run dir (through the rendezvous store) and run Hydra in it without writing anything.
+- A single process: `current()` is a world of one, and every hook here is a no-op.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from nnctl.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+    from nnctl.metrics import Averages
+
+log = logging.getLogger(__name__)
+RUN_DIR_KEY = "nnctl/run_dir"  # rank 0 publishes its run dir under this key of the rendezvous store
+STRATEGIES = ("ddp", "fsdp")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+# -- how this process was started ---------------------------------------------------------------------------------
+def detect() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when an outside launcher started this process as one of several:
+    torchrun / elastic / submitit (RANK, WORLD_SIZE, LOCAL_RANK) or srun (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT). None for a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        if "MASTER_ADDR" not in env:
+            raise UserError("srun started several tasks but MASTER_ADDR is not set; export MASTER_ADDR (the first "
+                            "node's host name) and MASTER_PORT before srun, as examples/slurm/train.sbatch does",
+                            key="MASTER_ADDR")
+        # env:// rendezvous reads these
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        env.setdefault("MASTER_PORT", "29500")
+    else:
+        return None
+    return (rank, world, local) if world > 1 else None
+
+
+class Dist:
+    """This process's place in the job. With world == 1 every method does nothing (or the identity)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0) -> None:
+        self.rank, self.world, self.local_rank = rank, world, local_rank
+        self.store: Any = None  # the rendezvous store (external launch), kept for init_process_group
+        self.strategy = "ddp"
+        self.published = False  # rank 0 of an external launch has told the others its run dir
+        self._pending: tuple[Any, Any] | None = None  # (work, tensor) of the signal vote in flight
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only process that writes files, logs and prints."""
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        import torch.distributed as td
+
+        return self.world > 1 and td.is_initialized()
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    def setup(self, trainer: Any, device: "torch.device") -> "torch.device":
+        """Join the process group (idempotent); returns this rank's device (cuda:LOCAL_RANK on GPUs)."""
+        import torch
+        import torch.distributed as td
+
+        if self.world == 1:
+            return device
+        self.strategy = trainer.strategy
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not td.is_initialized():
+            backend = trainer.dist_backend
+            if backend == "auto":  # CPU tensors (objects, votes) over gloo either way
+                backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+            timeout = datetime.timedelta(seconds=trainer.dist_timeout)
+            store = self.store or self._rendezvous(timeout)
+            td.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout)
+        return device
+
+    def _rendezvous(self, timeout: datetime.timedelta) -> Any:
+        import torch.distributed as td
+
+        store, _, _ = next(td.rendezvous("env://", self.rank, self.world, timeout=timeout))
+        self.store = store
+        return store
+
+    def teardown(self) -> None:
+        import torch.distributed as td
+
+        if self.world > 1 and td.is_initialized():
+            td.destroy_process_group()
+
+    # -- data and model ---------------------------------------------------------------------------------------------
+    def build_data(self, cfg_data: Any) -> Any:
+        """The data module, built for the global batch (batch_size per process x processes) and sharded so this
+        rank yields its part of every batch: natively (`shard(rank, world)`) or by slicing (`Sharded`)."""
+        from hydra.utils import instantiate
+
+        if self.world == 1:
+            return instantiate(cfg_data)
+        data = instantiate(cfg_data, batch_size=int(cfg_data.batch_size) * self.world)
+        if self.main:
+            from nnctl.reporting import console
+
+            line = (f"{self.world} processes x data.batch_size {cfg_data.batch_size} = global batch {data.batch_size} "
+                    f"({self.strategy})")
+            log.info(line)
+            console.print(line)
+        return data.shard(self.rank, self.world) if hasattr(data, "shard") else Sharded(data, self.rank, self.world)
+
+    def wrap(self, net: "nn.Module", device: "torch.device") -> "nn.Module":
+        """The module that runs training forward passes: DDP around `net`, or `net` itself sharded in place by
+        FSDP2 (each of its `blocks`, then the root). `net` keeps its parameter names either way."""
+        if self.world == 1:
+            return net
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            import torch.nn as nn
+
+            for holder in [m for m in net.modules() if isinstance(getattr(m, "blocks", None),
+                                                                  (nn.ModuleList, nn.Sequential))]:
+                for block in holder.blocks:
+                    fully_shard(block)
+            fully_shard(net)
+            return net
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def accumulating(self, model: "nn.Module", skip_sync: bool) -> Any:
+        """Around a micro-batch that does not step (gradient accumulation): DDP keeps its gradients local and
+        all-reduces once, with the stepping micro-batch."""
+        import contextlib
+
+        if skip_sync and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    # -- state: full single-file checkpoints under either strategy ----------------------------------------------------
+    @property
+    def _sharded(self) -> bool:
+        return self.world > 1 and self.strategy == "fsdp"
+
+    def model_state(self, net: "nn.Module") -> dict[str, Any]:
+        """Full weights (gathered on rank 0, on the CPU, under FSDP): what `nnctl eval` loads in one process."""
+        if not self._sharded:
+            return net.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(_resharded(net), options=_full_options())
+
+    def load_model_state(self, net: "nn.Module", weights: dict[str, Any]) -> None:
+        if not self._sharded:
+            net.load_state_dict(weights)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(net, weights, options=StateDictOptions(full_state_dict=True))
+
+    def optimizer_state(self, net: "nn.Module", optimizer: "torch.optim.Optimizer") -> dict[str, Any]:
+        if not self._sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(_resharded(net), optimizer, options=_full_options())
+
+    def load_optimizer_state(self, net: "nn.Module", optimizer: "torch.optim.Optimizer",
+                             state: dict[str, Any]) -> None:
+        if not self._sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(net, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    # -- agreement between ranks --------------------------------------------------------------------------------------
+    def reduce(self, sums: "Averages") -> "Averages":
+        """The sums of every rank added up (one all_reduce), so metrics cover all shards and are equal on every
+        rank. `sums` is left as it is."""
+        from nnctl.metrics import Averages
+
+        if not self.initialized:
+            return sums
+        import torch
+        import torch.distributed as td
+
+        names = sorted(sums.sums)  # every rank runs the same objective: the same names
+        if not names:
+            return Averages()
+        device = next((v.device for v in sums.sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # exact sample counts
+        flat = torch.stack([torch.as_tensor(sums.sums[k], dtype=dtype, device=device) for k in names])
+        td.all_reduce(flat)
+        return Averages({k: (int(v) if k == "_n" else v.float()) for k, v in zip(names, flat)})
+
+    def mean_loss(self, loss: "torch.Tensor") -> float:
+        """The loss averaged over ranks, on the host: non-finite when it is on any rank (the NaN guard)."""
+        if not self.initialized:
+            return loss.item()
+        import torch.distributed as td
+
+        total = loss.detach().float().clone()
+        td.all_reduce(total)
+        return total.item() / self.world
+
+    def vote_stop(self, received: int | None, now: bool = False) -> int | None:
+        """The signal every rank acts on (SIGTERM/SIGINT received by any rank), decided the same on all ranks.
+
+        Between steps the vote runs asynchronously and is read one step later, so it never stalls training;
+        `now` (the end of an epoch) waits for it."""
+        if not self.initialized:
+            return received
+        import torch
+        import torch.distributed as td
+
+        decided = None
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            decided = int(flag.item()) or None
+            self._pending = None
+        if decided is None:
+            flag = torch.tensor([received or 0], dtype=torch.int64)  # a CPU tensor: gloo, no device sync
+            work = td.all_reduce(flag, op=td.ReduceOp.MAX, async_op=True)
+            if now:
+                work.wait()
+                decided = int(flag.item()) or None
+            else:
+                self._pending = (work, flag)
+        return decided
+
+    def barrier(self) -> None:
+        if self.initialized:
+            import torch.distributed as td
+
+            td.barrier()
+
+
+def _resharded(net: "nn.Module") -> "nn.Module":
+    """`net` with every FSDP module holding its shards again: a forward without backward (evaluation) leaves the
+    root's parameters gathered, and state dicts must see the sharded parameters the optimizer updates."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return net
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+_CURRENT = Dist()
+
+
+def current() -> Dist:
+    """This process's Dist: set by `join` (external launch) or `worker_start`, else a world of one."""
+    return _CURRENT
+
+
+def join(rank: int, world: int, local_rank: int) -> Dist:
+    """Become rank `rank` of `world`: only rank 0 prints (rich console) and logs below errors."""
+    global _CURRENT
+    _CURRENT = Dist(rank, world, local_rank)
+    if rank != 0:
+        from nnctl.reporting import console
+
+        console.quiet = True
+        logging.getLogger().setLevel(logging.ERROR)
+    return _CURRENT
+
+
+# -- external launch: one run dir for every rank ------------------------------------------------------------------
+def external_args(args: list[str]) -> list[str]:
+    """Hydra overrides for this process when an outside launcher started several: none for rank 0; ranks > 0 wait
+    for rank 0's run dir and run Hydra in it without writing .hydra/ or a log file."""
+    found = detect()
+    if found is None:
+        return args
+    dist = join(*found)
+    if dist.main:
+        return args
+    timeout = datetime.timedelta(seconds=float(os.environ.get("NNCTL_DIST_TIMEOUT", 600)))
+    store = dist._rendezvous(timeout)
+    run_dir = store.get(RUN_DIR_KEY).decode()
+    if not run_dir:  # rank 0 failed before its run started, and said why
+        raise SystemExit(2)
+    quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
+    return [*args, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null",
+            f"hydra.job_logging.handlers.file.filename={os.devnull}"]
+
+
+def publish_run_dir(run_dir: Path | None) -> None:
+    """Rank 0 of an externally launched job: tell the other ranks the run dir (None: this job failed early)."""
+    dist = current()
+    if dist.world > 1 and dist.main and not dist.published:
+        dist.published = True
+        if dist.store is None:
+            dist._rendezvous(datetime.timedelta(seconds=float(os.environ.get("NNCTL_DIST_TIMEOUT", 600))))
+        dist.store.set(RUN_DIR_KEY, str(run_dir) if run_dir else "")
+
+
+# -- nnctl's own launcher -------------------------------------------------------------------------------------------
+def spawns(cfg: Any) -> bool:
+    """Whether `nnctl train` starts the job's processes itself (trainer.nproc_per_node / nnodes > 1), after
+    refusing settings that cannot work together."""
+    t = cfg.trainer
+    nproc, nnodes = t.get("nproc_per_node", 1), t.get("nnodes", 1)
+    if nproc * nnodes == 1 and current().world == 1:
+        return False
+    if current().world > 1 and nproc * nnodes > 1:
+        raise UserError(f"this process is already one of {current().world} started by torchrun/srun/submitit; "
+                        "drop trainer.nproc_per_node and trainer.nnodes (the launcher sets them)",
+                        key="trainer.nproc_per_node")
+    if nnodes > 1 and not t.rdzv_endpoint:
+        raise UserError("a job over several nodes meets at one address; set trainer.rdzv_endpoint=HOST:PORT (the "
+                        "first node), or launch with srun / torchrun (README: More than one process)",
+                        key="trainer.rdzv_endpoint")
+    if t.strategy == "fsdp" and t.ema.enabled:
+        raise UserError("an EMA copy of a model sharded by FSDP is not supported; use trainer/ema=off or "
+                        "trainer.strategy=ddp", key="trainer.strategy")
+    return current().world == 1
+
+
+def launch(cfg: Any, run_dir: Path) -> dict[str, Any]:
+    """Start trainer.nproc_per_node workers on this node (of trainer.nnodes) with torch's elastic launcher; they
+    train from the resolved config and rank 0 writes into `run_dir`. Returns rank 0's metrics.json."""
+    import hashlib
+    import json
+    import tempfile
+
+    from omegaconf import OmegaConf
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from nnctl import checkpoint as ck
+    from nnctl.errors import Interrupted, WorkersFailed
+
+    t = cfg.trainer
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="nnctl-", delete=False) as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+    config = LaunchConfig(
+        min_nodes=t.nnodes, max_nodes=t.nnodes, nproc_per_node=t.nproc_per_node,
+        run_id="nnctl-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12],  # equal on every node
+        rdzv_backend="c10d", rdzv_endpoint=t.rdzv_endpoint or "localhost:0",  # port 0: a free one, no collisions
+        max_restarts=0, monitor_interval=0.1, start_method="spawn")
+    log.info("launching %d x %d worker(s) in %s", t.nnodes, t.nproc_per_node, run_dir)
+    try:
+        elastic_launch(config, sys.executable)("-u", "-m", "nnctl._worker", f.name)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise WorkersFailed(failure.exitcode, f"worker rank {rank} failed with exit code {failure.exitcode}"
+                            f"{_cause(failure)}; the job stopped") from None
+    except SignalException as exc:
+        last = run_dir / "checkpoints" / ck.LAST
+        raise Interrupted(int(exc.sigval), last if last.is_file() else None, run_dir) from None
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _cause(failure: Any) -> str:
+    """The failing worker's exception message (recorded by the worker's @record), if it raised one."""
+    message = failure.message if isinstance(failure.message, str) else ""
+    if not message.strip() or message.startswith("To enable traceback"):  # no error file: it printed its own line
+        return ""
+    return f" ({message.strip().splitlines()[0]})"
+
+
+# -- a data module without native sharding ------------------------------------------------------------------------
+def _slice(batch: Any, part: int, parts: int) -> Any:
+    """This rank's part of a batch: a tensor, tuple/list or dict of them, split along dim 0 in near-equal parts."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.tensor_split(parts)[part]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_slice(b, part, parts) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _slice(v, part, parts) for k, v in batch.items()}
+    return batch
+
+
+class Sharded:
+    """Any data module (built for the global batch), yielding rank `rank`'s slice of each batch. Every rank
+    builds the same global batch, so the batches across ranks are exactly one process's; modules that can gather
+    only their own samples implement `shard(rank, world)` instead."""
+
+    def __init__(self, data: Any, rank: int, world: int) -> None:
+        self.__dict__.update(_data=data, _rank=rank, _world=world)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # e.g. the engine's memory_format
+        setattr(self._data, name, value)
+
+    def setup(self, device: "torch.device") -> "Sharded":
+        self._data.setup(device)
+        return self
+
+    def train_batches(self, epoch: int, seed: int, start: int = 0, stop: int | None = None) -> Iterator[Any]:
+        for batch in self._data.train_batches(epoch, seed, start, stop):
+            yield _slice(batch, self._rank, self._world)
+
+    def eval_batches(self, split: str, stop: int | None = None) -> Iterator[Any]:
+        for batch in self._data.eval_batches(split, stop):
+            yield _slice(batch, self._rank, self._world)
+
+
+class Silent:
+    """Stands in for the run's logger on ranks > 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
