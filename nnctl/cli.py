@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "train": "train a model: nnctl train [group=option ...] [key=value ...] [-m for sweeps]",
     "eval": "evaluate a checkpoint: nnctl eval ckpt=PATH [split=val] [key=value ...]",
+    "generate": "continue text from a language-model checkpoint: nnctl generate ckpt=PATH prompt='...'",
 }
 
 USAGE = """usage: nnctl <command> [overrides ...]
@@ -23,7 +24,7 @@ Shell completion: eval "$(nnctl train --shell-completion install=bash)"
 
 
 def _usage() -> str:
-    return USAGE.format(commands="\n".join(f"  {name:<7}{text}" for name, text in COMMANDS.items()))
+    return USAGE.format(commands="\n".join(f"  {name:<9}{text}" for name, text in COMMANDS.items()))
 
 
 def _completion_command() -> str | None:

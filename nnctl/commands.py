@@ -1,4 +1,5 @@
-"""The Hydra apps behind `nnctl train` and `nnctl eval`, and the translation of user mistakes into one line."""
+"""The Hydra apps behind `nnctl train`, `nnctl eval` and `nnctl generate`, and the translation of user mistakes
+into one line."""
 from __future__ import annotations
 
 import difflib
@@ -81,7 +82,13 @@ def merge_strict(base: DictConfig, patch: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(base, patch)
 
 
-TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task}
+def generate_task(cfg: DictConfig) -> dict[str, Any]:
+    from nnctl.generate import generate
+
+    return generate(cfg)
+
+
+TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "generate": generate_task}
 
 
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:

@@ -65,6 +65,7 @@ class Objective:
 # spec["target"] -> the objective class that trains for it ("module:Class", imported on use)
 OBJECTIVES: dict[str, str] = {
     "class": "nnctl.objectives.classification:Classification",
+    "next_token": "nnctl.objectives.language_model:LanguageModel",
 }
 
 
