@@ -57,7 +57,7 @@ def test_gpt_trains_and_eval_reproduces_the_test_metrics(cli: Callable[..., int]
 
 
 def test_kill9_mid_run_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
-    args = [*TINY, "trainer.deterministic=true", "trainer.max_epochs=3", "data.batches_per_epoch=40",
+    args = [*TINY, "trainer.deterministic=true", "trainer.max_epochs=2", "data.batches_per_epoch=30",
             "model.dropout=0.1"]
     straight = tmp_path / "straight"
     assert main(["train", *args, f"hydra.run.dir={straight}"]) == 0
@@ -68,7 +68,7 @@ def test_kill9_mid_run_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
     _wait_for(last, proc)  # epoch 1 is saved; epoch 2 is under way
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert ck.load_checkpoint(last)[ck.EPOCH] < 3
+    assert ck.load_checkpoint(last)[ck.EPOCH] == 1
     assert main(["train", f"resume={run}"]) == 0
     a, b = ck.load_checkpoint(last)[ck.MODEL], ck.load_checkpoint(straight / "checkpoints" / ck.LAST)[ck.MODEL]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

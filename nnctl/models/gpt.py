@@ -47,7 +47,8 @@ class CausalSelfAttention(nn.Module):
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]  # [B, H, start + T, hd]
             if start > 0 and T > 1:  # new queries see the cached past and the new positions up to their own
-                mask = torch.arange(start + T, device=x.device) <= torch.arange(start, start + T, device=x.device)[:, None]
+                seen = torch.arange(start + T, device=x.device)
+                mask = seen <= torch.arange(start, start + T, device=x.device)[:, None]  # [T, start + T]
                 causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
