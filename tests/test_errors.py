@@ -8,7 +8,8 @@ CASES is one table; to cover a new mistake, add a row:
 
 Arguments may use {run} (a finished tiny run dir), {lm} (a finished tiny language-model run dir), {files} (a dir of
 crafted bad files, see `crafted`) and {tmp} (the test's own dir: conftest's `isolated` makes it the working dir and
-NNCTL_ROOT, so runs land there). Rows that fail at composition or validation take a fraction of a second; rows that need a checkpoint share the one session run.
+NNCTL_ROOT, so runs land there). Rows that fail at composition or validation take a fraction of a second; rows that
+need a checkpoint share the one session run.
 """
 from __future__ import annotations
 
