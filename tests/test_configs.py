@@ -37,6 +37,13 @@ def groups() -> dict[str, list[str]]:
 
 GROUPS = groups()
 ALL_OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
+# Options of the language-model family: built and run together by test_language_model_options_train_a_step; the
+# image-shaped tests below cover the rest.
+LANGUAGE = {"data": {"text"}, "model": {"gpt"}, "objective": {"language_model"}, "experiment": {"char_gpt"}}
+
+
+def image_options(group: str) -> list[str]:
+    return [o for o in GROUPS[group] if o not in LANGUAGE.get(group, set())]
 
 
 def test_every_expected_group_is_present() -> None:
@@ -97,7 +104,7 @@ def test_paths_follow_nnctl_root(tmp_path: Path) -> None:
 
 
 # -- data x default model: load the fixtures and run one batch through a model ------------------------------------
-@pytest.mark.parametrize("option", GROUPS["data"])
+@pytest.mark.parametrize("option", image_options("data"))
 def test_every_data_option_builds_and_feeds_a_model(option: str, data_root: fx.DataRoot,
                                                     image_folder: fx.Images) -> None:
     cfg = compose_train(f"data={option}", "model=cnn", "model.channels=[8]",
@@ -114,7 +121,7 @@ def test_every_data_option_builds_and_feeds_a_model(option: str, data_root: fx.D
 
 
 # -- models ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option", GROUPS["model"])
+@pytest.mark.parametrize("option", image_options("model"))
 def test_every_model_option_builds_from_data_shapes_and_backpropagates(option: str) -> None:
     cfg = compose_train(f"model={option}")
     torch.manual_seed(0)
@@ -317,7 +324,7 @@ def test_adapter_options_return_a_trainable_model() -> None:
         assert model(torch.randn(2, 1, 4, 4)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("option", GROUPS["objective"])
+@pytest.mark.parametrize("option", image_options("objective"))
 def test_every_objective_gives_a_loss_and_metrics(option: str) -> None:
     cfg = compose_train(f"objective={option}", "trainer.label_smoothing=0.1")
     spec = {"input": "image", "target": "class", "in_shape": (1, 8, 8), "num_classes": 10, "classes": list("0123456789")}
@@ -364,7 +371,7 @@ def flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-@pytest.mark.parametrize("option", GROUPS["experiment"])
+@pytest.mark.parametrize("option", image_options("experiment"))
 def test_every_experiment_builds_all_components(option: str, data_root: fx.DataRoot, tmp_path: Path) -> None:
     # the fixtures hold 180 training images: a smaller batch keeps an epoch non-empty
     cfg = compose_train(f"experiment={option}", f"paths.data_dir={data_root.path}", "trainer.device=cpu",
@@ -390,6 +397,23 @@ def test_every_experiment_builds_all_components(option: str, data_root: fx.DataR
     engine.model.eval()
     with torch.no_grad():
         assert engine.model(x[:2]).shape == (2, engine.data.num_classes)
+
+
+def test_language_model_options_train_a_step(tmp_path: Path) -> None:
+    """experiment=char_gpt picks data=text, model=gpt and objective=language_model: they compose, validate, build
+    from the data's spec and take a training step; evaluation scores every validation token once."""
+    cfg = compose_train("experiment=char_gpt", "trainer.device=cpu", "data.batch_size=4", "data.block_size=16",
+                        "data.eval_batch_size=512", "model.n_layer=1", "model.n_embd=16")
+    assert {k: OmegaConf.select(cfg, k)._target_.rsplit(".", 1)[-1] for k in ("data", "model", "objective")} == \
+        {"data": "TextData", "model": "GPT", "objective": "LanguageModel"}
+    engine = Engine(cfg, tmp_path / "run")
+    engine.configure_optimization()
+    assert engine.total_steps() == cfg.trainer.max_epochs * cfg.data.batches_per_epoch
+    batch = next(engine.data.train_batches(0, cfg.trainer.seed))
+    loss, _ = engine.objective.training_step(engine.model, batch)
+    assert batch[0].shape == (4, 16) and abs(float(loss.detach()) - math.log(engine.spec["vocab_size"])) < 0.5
+    val = engine.evaluate("val")
+    assert val["val/ppl"] == pytest.approx(math.exp(val["val/loss"])) and "val/bpc" in val
 
 
 @pytest.mark.parametrize("option", GROUPS["trainer/early_stopping"] + ["@checkpoint"])
