@@ -38,10 +38,12 @@ def case(id: str, argv: list[str], pattern: str, code: int = 2) -> object:
 
 CASES = [
     # -- unknown group options: the valid ones listed, a did-you-mean for near misses ------------------------------
-    case("model-unknown", ["train", "model=foo"], r"model=foo: unknown option; choose one of (\w+, )*cnn, mlp, resnet"),
+    case("model-unknown", ["train", "model=foo"],
+         r"model=foo: unknown option; choose one of (\w+, )*cnn, (\w+, )*mlp, resnet"),
     case("model-near-miss", ["train", "model=resnt"], r"model=resnt: unknown option \(did you mean 'resnet'\?\); "
                                                        r"choose one of .*resnet"),
-    case("model-empty", ["train", "model="], r"model=: no option given; choose one of (\w+, )*cnn, mlp, resnet"),
+    case("model-empty", ["train", "model="],
+         r"model=: no option given; choose one of (\w+, )*cnn, (\w+, )*mlp, resnet"),
     case("data-unknown", ["train", "data=svhn"], r"data=svhn: unknown option; choose one of .*mnist.*synthetic"),
     case("optimizer-near-miss", ["train", "optimizer=adm"], r"optimizer=adm: unknown option \(did you mean "
                                                             r"'adam'\?\); choose one of adam, adamw, .*sgd"),
