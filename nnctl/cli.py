@@ -14,6 +14,7 @@ COMMANDS = {
     "sample": "draw images from a generative checkpoint: nnctl sample ckpt=PATH [num_samples=64] [out=grid.png]",
     "export": "export a checkpoint's model: nnctl export ckpt=PATH out=DIR [merge=false]",
     "submit": "run nnctl train as a SLURM job (submitit): nnctl submit --nodes 2 --gpus-per-node 4 -- [overrides]",
+    "generate": "continue text from a language-model checkpoint: nnctl generate ckpt=PATH prompt='...'",
 }
 # commands that are not Hydra apps: module with main(args) -> int
 PLAIN = {"summary": "nnctl.sweep_summary", "submit": "nnctl.submit"}
@@ -32,7 +33,7 @@ Shell completion: eval "$(nnctl train --shell-completion install=bash)"
 
 
 def _usage() -> str:
-    return USAGE.format(commands="\n".join(f"  {name:<8}{text}" for name, text in COMMANDS.items()))
+    return USAGE.format(commands="\n".join(f"  {name:<9}{text}" for name, text in COMMANDS.items()))
 
 
 def _completion_command() -> str | None:

@@ -1,4 +1,5 @@
-"""The Hydra apps behind `nnctl train` and `nnctl eval`, and the translation of user mistakes into one line."""
+"""The Hydra apps behind `nnctl train`, `nnctl eval` and `nnctl generate`, and the translation of user mistakes
+into one line."""
 from __future__ import annotations
 
 import difflib
@@ -130,6 +131,12 @@ def merge_strict(base: DictConfig, patch: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(base, patch)
 
 
+def generate_task(cfg: DictConfig) -> dict[str, Any]:
+    from nnctl.generate import generate
+
+    return generate(cfg)
+
+
 def export_task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -170,7 +177,8 @@ def sample_task(cfg: DictConfig) -> dict[str, Any]:
 
 TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task,
                                                  "lr-find": lr_find_task, "explain": explain_task,
-                                                 "sample": sample_task, "export": export_task}
+                                                 "sample": sample_task, "export": export_task,
+                                                 "generate": generate_task}
 PATCHING = ("eval", "explain")  # commands that rebuild a run from its checkpoint and patch data/trainer/eval
 
 

@@ -104,6 +104,16 @@ def _wandb_modes() -> str:
     from nnctl.loggers.wandb import MODES
 
     return "one of " + ", ".join(MODES)
+def _tokenizer(v: str) -> bool:
+    from nnctl.data.text import TOKENIZERS
+
+    return v in TOKENIZERS
+
+
+def _tokenizers() -> str:
+    from nnctl.data.text import TOKENIZERS
+
+    return "one of " + ", ".join(TOKENIZERS)
 
 
 INT, NUM, BOOL, STR = (int,), (int, float), (bool,), (str,)
@@ -156,6 +166,10 @@ RULES: list[Rule] = [
     Rule("data.augment", DICT, None, "a mapping with crop_padding and hflip, e.g. data.augment.hflip=false"),
     Rule("data.augment.crop_padding", INT, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     Rule("data.augment.hflip", BOOL, None, "true or false"),
+    Rule("data.path", STR, None, "a text file path, or null for the bundled corpus", nullable=True),
+    Rule("data.tokenizer", STR, _tokenizer, _tokenizers),
+    Rule("data.block_size", INT, lambda v: v >= 1, "an integer >= 1, e.g. data.block_size=128"),
+    Rule("data.batches_per_epoch", INT, lambda v: v >= 1, "an integer >= 1, e.g. data.batches_per_epoch=200"),
     # -- model ----------------------------------------------------------------------------------------------------
     Rule("model.hidden_sizes", LIST, _ints(1), "a list of integers >= 1, e.g. model.hidden_sizes=[256,128]"),
     Rule("model.channels", LIST, _ints(1, min_len=1), "a non-empty list of integers >= 1, e.g. [32,64,128]"),
@@ -172,6 +186,10 @@ RULES: list[Rule] = [
     Rule("model.whiten_width", INT, lambda v: v >= 2, "an integer >= 2 or null (all eigenvectors)", nullable=True),
     Rule("model.whiten_kernel", INT, lambda v: v >= 1, "an integer >= 1, e.g. 2"),
     Rule("model.logit_scale", NUM, _positive, "a number > 0, e.g. 0.111"),
+    Rule("model.n_layer", INT, lambda v: v >= 1, "an integer >= 1, e.g. model.n_layer=4"),
+    Rule("model.n_head", INT, lambda v: v >= 1, "an integer >= 1, e.g. model.n_head=4"),
+    Rule("model.n_embd", INT, lambda v: v >= 1, "an integer >= 1 (a multiple of model.n_head), e.g. 128"),
+    Rule("model.bias", BOOL, None, "true or false"),
     # -- trainer --------------------------------------------------------------------------------------------------
     Rule("trainer.max_epochs", INT, lambda v: v >= 1, "an integer >= 1, e.g. trainer.max_epochs=5"),
     Rule("trainer.max_steps", INT, lambda v: v >= 1, "an integer >= 1 or null", nullable=True),
@@ -266,6 +284,15 @@ RULES: list[Rule] = [
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
     Rule("eval.worst_k", INT, lambda v: v >= 0, "an integer >= 0 (0 = no worst_k.png)"),
+    # -- generate (top-level keys of nnctl generate) --------------------------------------------------------------
+    Rule("max_new_tokens", INT, lambda v: v >= 0, "an integer >= 0, e.g. max_new_tokens=200"),
+    Rule("temperature", NUM, lambda v: v >= 0, "a number >= 0 (0 = greedy), e.g. temperature=0.8"),
+    Rule("top_k", INT, lambda v: v >= 1, "an integer >= 1, or null for all tokens", nullable=True),
+    Rule("top_p", NUM, lambda v: 0 < v <= 1, "a number in (0, 1] (1.0 = off), e.g. top_p=0.95"),
+    Rule("num_samples", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("seed", INT, lambda v: v >= 0, "an integer >= 0"),
+    Rule("kv_cache", BOOL, None, "true or false"),
+    Rule("device", STR, _device, "auto, cpu, cuda, cuda:N or mps"),
 ]
 
 

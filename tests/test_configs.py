@@ -39,8 +39,9 @@ GROUPS = groups()
 ALL_OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
 # Options of other families, built and trained end to end in their own tests (tests/test_generative.py,
 # tests/test_finetune.py, ...) rather than by the image-classifier checks below.
-OTHER_FAMILIES = {"data": {"instructions"}, "model": {"gan", "vae", "diffusion", "hf_causal_lm"},
-                  "objective": {"gan", "vae", "diffusion", "causal_lm"}, "experiment": {"instruct_qlora"}}
+OTHER_FAMILIES = {"data": {"instructions", "text"}, "model": {"gan", "vae", "diffusion", "hf_causal_lm", "gpt"},
+                  "objective": {"gan", "vae", "diffusion", "causal_lm", "language_model"},
+                  "experiment": {"instruct_qlora", "char_gpt"}}
 
 
 def image_options(group: str) -> list[str]:
@@ -401,6 +402,23 @@ def test_every_experiment_builds_all_components(option: str, data_root: fx.DataR
     engine.model.eval()
     with torch.no_grad():
         assert engine.model(x[:2]).shape == (2, engine.data.num_classes)
+
+
+def test_language_model_options_train_a_step(tmp_path: Path) -> None:
+    """experiment=char_gpt picks data=text, model=gpt and objective=language_model: they compose, validate, build
+    from the data's spec and take a training step; evaluation scores every validation token once."""
+    cfg = compose_train("experiment=char_gpt", "trainer.device=cpu", "data.batch_size=4", "data.block_size=16",
+                        "data.eval_batch_size=512", "model.n_layer=1", "model.n_embd=16")
+    assert {k: OmegaConf.select(cfg, k)._target_.rsplit(".", 1)[-1] for k in ("data", "model", "objective")} == \
+        {"data": "TextData", "model": "GPT", "objective": "LanguageModel"}
+    engine = Engine(cfg, tmp_path / "run")
+    engine.configure_optimization()
+    assert engine.total_steps() == cfg.trainer.max_epochs * cfg.data.batches_per_epoch
+    batch = next(engine.data.train_batches(0, cfg.trainer.seed))
+    loss, _ = engine.objective.training_step(engine.model, batch)
+    assert batch[0].shape == (4, 16) and abs(float(loss.detach()) - math.log(engine.spec["vocab_size"])) < 0.5
+    val = engine.evaluate("val")
+    assert val["val/ppl"] == pytest.approx(math.exp(val["val/loss"])) and "val/bpc" in val
 
 
 @pytest.mark.parametrize("option", GROUPS["trainer/early_stopping"] + ["@checkpoint"])

@@ -6,9 +6,10 @@ CASES is one table; to cover a new mistake, add a row:
 
     case("id", ["train", "key=value", ...], r"regex the single stderr line must match")
 
-Arguments may use {run} (a finished tiny run dir), {files} (a dir of crafted bad files, see `crafted`) and {tmp}
-(the test's own dir: conftest's `isolated` makes it the working dir and NNCTL_ROOT, so runs land there). Rows that
-fail at composition or validation take a fraction of a second; rows that need a checkpoint share the one session run.
+Arguments may use {run} (a finished tiny run dir), {lm} (a finished tiny language-model run dir), {files} (a dir of
+crafted bad files, see `crafted`) and {tmp} (the test's own dir: conftest's `isolated` makes it the working dir and
+NNCTL_ROOT, so runs land there). Rows that fail at composition or validation take a fraction of a second; rows that
+need a checkpoint share the one session run.
 """
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ def case(id: str, argv: list[str], pattern: str, code: int = 2) -> object:
 
 CASES = [
     # -- unknown group options: the valid ones listed, a did-you-mean for near misses ------------------------------
-    case("model-unknown", ["train", "model=foo"], r"model=foo: unknown option; choose one of (\w+, )*cnn, mlp, resnet"),
+    case("model-unknown", ["train", "model=foo"],
+         r"model=foo: unknown option; choose one of (\w+, )*cnn, (\w+, )*mlp, resnet"),
     case("model-near-miss", ["train", "model=resnt"], r"model=resnt: unknown option \(did you mean 'resnet'\?\); "
                                                        r"choose one of .*resnet"),
-    case("model-empty", ["train", "model="], r"model=: no option given; choose one of (\w+, )*cnn, mlp, resnet"),
+    case("model-empty", ["train", "model="],
+         r"model=: no option given; choose one of (\w+, )*cnn, (\w+, )*mlp, resnet"),
     case("data-unknown", ["train", "data=svhn"], r"data=svhn: unknown option; choose one of .*mnist.*synthetic"),
     case("optimizer-near-miss", ["train", "optimizer=adm"], r"optimizer=adm: unknown option \(did you mean "
                                                             r"'adam'\?\); choose one of adam, adamw, .*sgd"),
@@ -246,6 +249,30 @@ CASES = [
     case("init-from-missing", ["train", *TINY, "init_from={files}/nowhere.pt"],
          r"init_from: .*nowhere\.pt does not exist; pass the nnctl checkpoint"),
     case("data-classes-unknown", ["train", *TINY, "data.classes=[0,99]"], r"data\.classes: unknown class 99"),
+    # -- language models ---------------------------------------------------------------------------------------------
+    case("text-missing-file", ["train", "data=text", "model=gpt", "data.path={files}/nowhere.txt"],
+         r"data\.path: .*nowhere\.txt does not exist; pass a text file, or data\.path=null for the bundled corpus"),
+    case("text-empty-file", ["train", "data=text", "model=gpt", "data.path={files}/empty.txt"],
+         r"data\.path: .*empty\.txt is empty"),
+    case("text-not-utf8", ["train", "data=text", "model=gpt", "data.path={files}/latin1.txt"],
+         r"data\.path: .*latin1\.txt is not UTF-8 text \(byte 0xe9 at byte offset 3\); .*data\.tokenizer=byte"),
+    case("text-block-size-too-long", ["train", "data=text", "model=gpt", "data.block_size=30000"],
+         r"data\.block_size: block_size 30000 needs 30001 tokens in each split, but the val split of the bundled "
+         r"corpus .* has \d+"),
+    case("text-tokenizer-unknown", ["train", "data=text", "data.tokenizer=word"],
+         r"data\.tokenizer: got 'word'; expected one of char, byte"),
+    case("gpt-on-images", ["train", "model=gpt"], r"model: the model needs block_size, vocab_size, which the data "
+                                                  r"does not provide \(it yields images"),
+    case("gpt-heads-do-not-divide-width", ["train", "data=text", "model=gpt", "model.n_embd=30", "model.n_head=4"],
+         r"model\.n_embd: n_embd=30 must be a multiple of n_head=4"),
+    case("generate-no-ckpt", ["generate"], r"ckpt: a value is required; pass ckpt=\.\.\."),
+    case("generate-image-classifier", ["generate", "ckpt={run}"],
+         r"ckpt: .*best\.pt holds a MLP model trained on data Synthetic, which nnctl generate cannot decode"),
+    case("generate-unknown-character", ["generate", "ckpt={lm}", "prompt='Ab\u65e5'"],
+         r"prompt: character '\u65e5' \(U\+65E5\) at position 2 of the prompt is not in the checkpoint's "
+         r"vocabulary"),
+    case("generate-temperature-negative", ["generate", "ckpt={lm}", "temperature=-1"],
+         r"temperature: got -1; expected a number >= 0 \(0 = greedy\)"),
     case("unknown-command", ["trian"], r"^nnctl: unknown command 'trian' \(did you mean 'train'\?\)"),
     # -- engine contract and curriculum stages -----------------------------------------------------------------
     case("stages-unknown-key", ["train", *TINY, "stages=[{{name: a, epochs: 1, overrides: {{data.batchsize: 8}}}}]"],
@@ -328,6 +355,13 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (files / "afile").write_text("a regular file where a directory is expected\n")
     return {"run": run, "files": files, "gan": base / "gan", "ddpm": base / "ddpm",  # type: ignore[dict-item]
             "digests": _digests(base)}
+    (files / "empty.txt").write_bytes(b"")
+    (files / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    lm = base / "lm"  # a tiny language model
+    assert main(["train", "data=text", "model=gpt", "model.n_layer=1", "model.n_embd=16", "data.block_size=16",
+                 "data.batches_per_epoch=2", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
+                 "trainer.device=cpu", "trainer.progress=false", f"paths.root_dir={base}", f"hydra.run.dir={lm}"]) == 0
+    return {"run": run, "lm": lm, "files": files, "digests": _digests(base)}  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize("argv, code, pattern", CASES)
@@ -336,6 +370,7 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], code: int, pattern: s
     capsys.readouterr()
     places = {"run": crafted["run"], "files": crafted["files"], "tmp": tmp_path, "gan": crafted["gan"],
               "ddpm": crafted["ddpm"]}
+    places = {"run": crafted["run"], "lm": crafted["lm"], "files": crafted["files"], "tmp": tmp_path}
     args = [a.format(**places) for a in argv]
     assert main(args) == code
     err = capsys.readouterr().err
@@ -343,6 +378,8 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], code: int, pattern: s
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{err}"
     assert re.match(r"nnctl( [a-z-]+: error:|:) ", lines[0]), lines[0]  # "nnctl <command>: error: ..."
+    assert lines[0].startswith(("nnctl train: error: ", "nnctl eval: error: ", "nnctl generate: error: ",
+                                "nnctl: ")), lines[0]
     assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
     assert not (crafted["files"] / "pwned").exists(), "a malicious pickle ran code"
     # what existed before (the finished run, its checkpoints, the crafted files) is byte-identical

@@ -76,6 +76,7 @@ OBJECTIVES: dict[str, str] = {
     "vae": "nnctl.objectives.generative:VAEObjective",
     "diffusion": "nnctl.objectives.generative:DiffusionObjective",
     "causal_lm": "nnctl.objectives.causal_lm:CausalLM",
+    "next_token": "nnctl.objectives.language_model:LanguageModel",
 }
 
 
