@@ -353,24 +353,22 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (files / "no_classes").mkdir()
     (files / "no_classes" / "readme.txt").write_text("images go in class folders\n")
     (files / "afile").write_text("a regular file where a directory is expected\n")
-    return {"run": run, "files": files, "gan": base / "gan", "ddpm": base / "ddpm",  # type: ignore[dict-item]
-            "digests": _digests(base)}
     (files / "empty.txt").write_bytes(b"")
     (files / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     lm = base / "lm"  # a tiny language model
     assert main(["train", "data=text", "model=gpt", "model.n_layer=1", "model.n_embd=16", "data.block_size=16",
                  "data.batches_per_epoch=2", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
                  "trainer.device=cpu", "trainer.progress=false", f"paths.root_dir={base}", f"hydra.run.dir={lm}"]) == 0
-    return {"run": run, "lm": lm, "files": files, "digests": _digests(base)}  # type: ignore[dict-item]
+    return {"run": run, "lm": lm, "files": files, "gan": base / "gan", "ddpm": base / "ddpm",  # type: ignore[dict-item]
+            "digests": _digests(base)}
 
 
 @pytest.mark.parametrize("argv, code, pattern", CASES)
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], code: int, pattern: str, crafted: dict,
                                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
-    places = {"run": crafted["run"], "files": crafted["files"], "tmp": tmp_path, "gan": crafted["gan"],
-              "ddpm": crafted["ddpm"]}
-    places = {"run": crafted["run"], "lm": crafted["lm"], "files": crafted["files"], "tmp": tmp_path}
+    places = {"run": crafted["run"], "lm": crafted["lm"], "files": crafted["files"], "tmp": tmp_path,
+              "gan": crafted["gan"], "ddpm": crafted["ddpm"]}
     args = [a.format(**places) for a in argv]
     assert main(args) == code
     err = capsys.readouterr().err
