@@ -65,6 +65,8 @@ class Objective:
 # spec["target"] -> the objective class that trains for it ("module:Class", imported on use)
 OBJECTIVES: dict[str, str] = {
     "class": "nnctl.objectives.classification:Classification",
+    "regression": "nnctl.objectives.regression:Regression",
+    "seq2seq": "nnctl.objectives.seq2seq:Seq2Seq",
 }
 
 
