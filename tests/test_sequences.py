@@ -347,3 +347,26 @@ def test_regression_metrics_match_their_definitions() -> None:
     assert got["mae"] == pytest.approx(mean_absolute_error(true, hat), rel=1e-4)
     assert got["r2"] == pytest.approx(r2_score(true, hat), rel=1e-4)
     assert got["loss"] == pytest.approx(float(((pred - y) ** 2).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize(("objective", "data", "cls"), [
+    ("regression", ["data=tabular", "data.name=diabetes"], "Regression"),
+    ("seq2seq", ["data=sequence_tasks", "data.task=copy"], "Seq2Seq"),
+    ("auto", ["data=sequence_tasks", "data.task=copy"], "Seq2Seq"),
+    ("auto", ["data=sequence_tasks", "data.task=sum_last_k"], "Regression"),
+    ("auto", ["data=text_classification", "data.path={texts}"], "Classification"),
+])
+def test_objective_options_build_for_their_data(objective: str, data: list[str], cls: str, tmp_path: Path,
+                                                 inputs: dict[str, Path]) -> None:
+    from test_configs import compose_train
+
+    from nnctl.engine import Engine
+
+    model = {"Regression": "model=mlp", "Seq2Seq": "model=seq2seq", "Classification": "model=gru"}[cls]
+    if "sum_last_k" in data[-1]:
+        model = "model=lstm"
+    cfg = compose_train(f"objective={objective}", model, *(a.format(**inputs) for a in data), "trainer.device=cpu")
+    engine = Engine(cfg, tmp_path / "run")
+    assert type(engine.objective).__name__ == cls
+    loss, sums = engine.objective.training_step(engine.model, next(engine.data.train_batches(0, 0)))
+    assert torch.isfinite(loss) and sums
