@@ -37,10 +37,10 @@ def case(id: str, argv: list[str], pattern: str, code: int = 2) -> object:
 
 CASES = [
     # -- unknown group options: the valid ones listed, a did-you-mean for near misses ------------------------------
-    case("model-unknown", ["train", "model=foo"], r"model=foo: unknown option; choose one of (\w+, )*cnn, mlp, resnet"),
+    case("model-unknown", ["train", "model=foo"], r"model=foo: unknown option; choose one of (\w+, )*cnn, (\w+, )*mlp, resnet"),
     case("model-near-miss", ["train", "model=resnt"], r"model=resnt: unknown option \(did you mean 'resnet'\?\); "
                                                        r"choose one of .*resnet"),
-    case("model-empty", ["train", "model="], r"model=: no option given; choose one of (\w+, )*cnn, mlp, resnet"),
+    case("model-empty", ["train", "model="], r"model=: no option given; choose one of (\w+, )*cnn, (\w+, )*mlp, resnet"),
     case("data-unknown", ["train", "data=svhn"], r"data=svhn: unknown option; choose one of .*mnist.*synthetic"),
     case("optimizer-near-miss", ["train", "optimizer=adm"], r"optimizer=adm: unknown option \(did you mean "
                                                             r"'adam'\?\); choose one of adam, adamw, .*sgd"),
@@ -49,8 +49,8 @@ CASES = [
     case("precision-unknown", ["train", "precision=fp8"], r"precision=fp8: unknown option; choose one of "
                                                           r"bf16, fp16, fp32"),
     case("adapter-unknown", ["train", "adapter=dora"], r"adapter=dora: unknown option; choose one of .*none"),
-    case("objective-unknown", ["train", "objective=regress"], r"objective=regress: unknown option; choose one of "
-                                                              r".*classification"),
+    case("objective-unknown", ["train", "objective=regress"], r"objective=regress: unknown option \(did you mean "
+                                                              r"'regression'\?\); choose one of .*classification"),
     case("trainer-unknown", ["train", "trainer=fast"], r"trainer=fast: unknown option; choose one of .*default"),
     case("nested-group-near-miss", ["train", "trainer/early_stopping=of"],
          r"trainer/early_stopping=of: unknown option \(did you mean 'off'\?\)"),
@@ -206,6 +206,9 @@ CASES = [
          r"data\.task: unknown task 'sum'; choose one of sum_last_k, parity"),
     case("recurrent-on-images", ["train", "model=lstm", "data=digits"],
          r"model: this model reads token or real-valued sequences"),
+    case("recurrent-on-a-table", ["train", "model=gru", "data=tabular"],
+         r"model: this model reads token or real-valued sequences and the data yields features input"),
+    case("vit-on-a-table", ["train", "model=vit", "data=tabular"], r"model: ViT reads images \[C, H, W\]"),
     case("seq2seq-on-classification-data", ["train", "model=seq2seq", "data=sequence_tasks"],
          r"model: the model needs bos_id, eos_id, which the data does not provide"),
     case("vit-patch-does-not-divide", ["train", "model=vit", "model.patch_size=3"],

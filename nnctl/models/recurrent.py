@@ -17,8 +17,16 @@ from nnctl.models import head_size
 CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
-def input_layer(vocab_size: int | None, num_features: int | None, dim: int, pad_id: int = 0) -> nn.Module:
-    """Embedding for token ids, linear projection for real-valued features: chosen from what the data offers."""
+SEQUENCE_INPUTS = ("tokens", "sequence")
+
+
+def input_layer(vocab_size: int | None, num_features: int | None, dim: int, pad_id: int = 0,
+                input: str = "tokens") -> nn.Module:
+    """Embedding for token ids, linear projection for real-valued features: chosen from what the data offers
+    (`input` is the spec's kind of input: sequences only)."""
+    if input not in SEQUENCE_INPUTS:
+        raise UserError(f"this model reads token or real-valued sequences and the data yields {input} input; choose "
+                        "data=text_classification or sequence_tasks, or a model for this data", key="model")
     if vocab_size is not None:
         return nn.Embedding(vocab_size, dim, padding_idx=pad_id)
     if num_features is not None:
@@ -71,14 +79,14 @@ class Recurrent(nn.Module):
     def __init__(self, cell: str, hidden_size: int = 128, num_layers: int = 1, bidirectional: bool = False,
                  dropout: float = 0.0, pool: str = "last", embed_dim: int = 64, vocab_size: int | None = None,
                  num_features: int | None = None, pad_id: int = 0, num_classes: int | None = None,
-                 num_outputs: int | None = None) -> None:
+                 num_outputs: int | None = None, input: str = "tokens") -> None:
         super().__init__()
         if cell not in CELLS:
             raise UserError(f"unknown cell {cell!r}; choose one of {', '.join(CELLS)}", key="model.cell")
         if bidirectional and pool == "last":  # the backward direction's last step has seen one token only
             raise UserError("pool=last reads the final step, which the backward direction reaches after one token; "
                             "use model.pool=mean or attention with model.bidirectional=true", key="model.pool")
-        self.embed = input_layer(vocab_size, num_features, embed_dim, pad_id)
+        self.embed = input_layer(vocab_size, num_features, embed_dim, pad_id, input)
         width = hidden_size * (2 if bidirectional else 1)
         dims = [embed_dim] + [width] * (num_layers - 1)
         # dropout between layers, not after the last one (as torch's own num_layers stacking does)

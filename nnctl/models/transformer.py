@@ -101,12 +101,12 @@ class TransformerEncoder(nn.Module):
     def __init__(self, max_len: int, dim: int = 64, depth: int = 2, heads: int = 4, mlp_ratio: float = 2.0,
                  dropout: float = 0.0, positions: str = "sinusoidal", pool: str = "mean",
                  vocab_size: int | None = None, num_features: int | None = None, pad_id: int = 0,
-                 num_classes: int | None = None, num_outputs: int | None = None) -> None:
+                 num_classes: int | None = None, num_outputs: int | None = None, input: str = "tokens") -> None:
         super().__init__()
         if pool not in self.POOLS:
             raise UserError(f"unknown pooling {pool!r}; choose one of {', '.join(self.POOLS)}", key="model.pool")
         self.pool = pool
-        self.embed = input_layer(vocab_size, num_features, dim, pad_id)
+        self.embed = input_layer(vocab_size, num_features, dim, pad_id, input)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
         self.positions = Positions(positions, max_len + 1, dim)  # + 1: the CLS token
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))

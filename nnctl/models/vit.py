@@ -14,6 +14,9 @@ class ViT(nn.Module):
     def __init__(self, in_shape: Sequence[int], num_classes: int, patch_size: int = 4, dim: int = 64, depth: int = 4,
                  heads: int = 4, mlp_ratio: float = 2.0, dropout: float = 0.0) -> None:
         super().__init__()
+        if len(in_shape) != 3:
+            raise UserError(f"ViT reads images [C, H, W] and the data yields inputs of shape {tuple(in_shape)}; choose "
+                            "an image data option or another model", key="model")
         c, h, w = in_shape
         if h % patch_size or w % patch_size:
             raise UserError(f"{h}x{w} images do not split into {patch_size}x{patch_size} patches; pick a "
