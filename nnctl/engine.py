@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,22 @@ from nnctl.reporting import TensorBoard, console, epoch_progress, print_metrics,
 from nnctl.run_state import Tracker  # noqa: F401  (public via the engine)
 from nnctl.runtime import pick_device, seed_everything
 from nnctl.spec import complete, to_device
+from nnctl.stages import Stages
 from nnctl.step_log import Window, brief, log_step, split
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, progress: tuple[int, int] = (0, 0)) -> None:
+        """`progress` = (epochs done, batches into the next epoch) of the checkpoint about to be loaded, if any:
+        with `stages`, the engine is built in the stage that checkpoint was trained in."""
+        self.stored_cfg, self.run_dir = cfg, Path(run_dir)  # stored_cfg: the run's config, saved in checkpoints
+        self.stages = Stages(cfg) if cfg.get("stages") else None
+        self.stage = self.stages.of_checkpoint(*progress) if self.stages else None
+        self.cfg = cfg = self.stage.cfg if self.stage else cfg  # the config in force (the current stage's)
         # Plain attributes, not OmegaConf nodes: a node lookup costs ~15 us, and the step loop reads several.
         self.t = t = _Settings(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer.")
-        self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = pick_device(t.device)
         seed_everything(t.seed, t.deterministic)
         self.precision = instantiate(cfg.precision)
@@ -59,7 +66,8 @@ class Engine:
             self.data.memory_format = torch.channels_last
         self.model = torch.compile(self.net) if t.compile else self.net  # what runs forward passes
         self.ema = EMA(self.net, t.ema.decay) if t.ema.enabled else None
-        self.objective = complete(instantiate(cfg.objective), self.spec, "objective")
+        # the model is offered too: objective=auto follows a model that names its objective (generative models)
+        self.objective = complete(instantiate(cfg.objective), self.spec, "objective", model=net)
         self.scaler = self.precision.grad_scaler(self.device)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode, key="trainer.checkpoint.monitor")
@@ -69,6 +77,7 @@ class Engine:
         self.sums = Averages()
         self.optim: Optimization | None = None
         self.signals = SignalFlag()
+        self.epoch_hooks: list[Any] = []  # called as hook(engine, metrics) after each epoch's checkpoint
 
     @property
     def eval_net(self) -> nn.Module:
@@ -94,8 +103,10 @@ class Engine:
         return min(n, limit) if isinstance(limit, int) else max(1, int(n * limit))
 
     def total_steps(self) -> int:
+        """Optimizer steps the learning-rate schedule spans: the run, or with stages the current stage."""
         t = self.t
-        steps = t.max_epochs * (self.batches_per_epoch("train") // t.grad_accum_steps)
+        epochs = self.stage.epochs if self.stage else t.max_epochs
+        steps = epochs * (self.batches_per_epoch("train") // t.grad_accum_steps)
         return min(steps, t.max_steps) if t.max_steps else steps
 
     # -- optimization setup -------------------------------------------------------------------------------------
@@ -118,11 +129,16 @@ class Engine:
         if self.optim is None:
             self.configure_optimization()
         tb = TensorBoard(self.run_dir / "tensorboard")
-        tb.config(self.cfg)
-        n_batches, accum, max_steps = self.batches_per_epoch("train"), t.grad_accum_steps, self.total_steps()
+        tb.config(self.stored_cfg)
+        max_steps = (t.max_steps or math.inf) if self.stages else self.total_steps()
         started, done = time.perf_counter(), self.step >= max_steps
+        if self.stage and self.stages.at(self.epoch) is self.stage:
+            console.print(f"stage {self.stage.index + 1}/{len(self.stages)}: {self.stage.name}")
         with self.signals, contextlib.closing(tb):
             while self.epoch < t.max_epochs and not done:
+                if self.stages and self.stages.at(self.epoch) is not self.stage:
+                    self._enter_stage(self.stages.at(self.epoch))
+                t, n_batches, accum = self.t, self.batches_per_epoch("train"), self.t.grad_accum_steps
                 self.model.train()
                 self.optim.zero_grad()
                 samples = self.data.batch_size * accum  # per optimizer step
@@ -160,10 +176,14 @@ class Engine:
                 self.objective.after_validation(self.eval_net, self.data, self.epoch, self.run_dir, tb, self.step)
                 self.sums = Averages()
                 self.optim.after_epoch(metrics)
-                tb.scalars({**metrics, **self.history["throughput"]}, self.step)
+                stage = {"stage": self.stage.index} if self.stage else {}
+                tb.scalars({**metrics, **self.history["throughput"], **stage}, self.step)
                 run_state.save_epoch(self, metrics)
-                log.info("epoch %d: %s", self.epoch, brief(metrics))
-                console.print(f"epoch {self.epoch}: {brief(metrics)}")
+                for hook in self.epoch_hooks:  # e.g. a tuning trial reporting its metric (may stop the run)
+                    hook(self, metrics)
+                where = f" (stage {self.stage.name})" if self.stage else ""
+                log.info("epoch %d%s: %s", self.epoch, where, brief(metrics))
+                console.print(f"epoch {self.epoch}{where}: {brief(metrics)}")
                 if t.early_stopping.enabled and not self.stopper.update(metrics) \
                         and self.stopper.bad_checks > t.early_stopping.patience:
                     console.print(f"early stopping: {t.early_stopping.monitor} has not improved for "
@@ -192,6 +212,28 @@ class Engine:
                 grad_norm = self.optim.step(name, loss, self.step)
         self.sums.add(self.objective.count(batch), sums, losses)
         return grad_norm
+
+    def _enter_stage(self, stage: Any) -> None:
+        """Switch to the next curriculum stage: rebuild what its config changes, restart the schedule over its
+        steps, keep the optimizer's state."""
+        before, cfg = self.cfg, stage.cfg
+        self.stage, self.cfg = stage, cfg
+        self.t = _Settings(OmegaConf.to_container(cfg.trainer, resolve=True), "trainer.")
+        if cfg.data != before.data:
+            memory_format = getattr(self.data, "memory_format", None)
+            self.data = instantiate(cfg.data).setup(self.device)
+            if memory_format is not None:
+                self.data.memory_format = memory_format
+            self.spec = dict(self.data.spec)
+        if cfg.objective != before.objective:
+            self.objective = complete(instantiate(cfg.objective), self.spec, "objective")
+        moments = self.optim.state_dict()[0]
+        self.configure_optimization()
+        for name, opt in self.optim.optimizers.items():
+            state = opt.state_dict()
+            state["state"] = moments[name]["state"]  # hyperparameters (lr, ...) come from the stage's config
+            opt.load_state_dict(state)
+        console.print(f"stage {stage.index + 1}/{len(self.stages)}: {stage.name}")
 
     def _interrupt(self) -> None:
         raise Interrupted(self.signals.received, run_state.save_last(self), self.run_dir)
@@ -234,7 +276,9 @@ class Engine:
                   "best_epoch": best.get("epoch"), "epochs": self.epoch, "global_step": self.step,
                   "train_seconds": round(seconds, 2), **self.history.get("throughput", {}),
                   "checkpoint": str(best_path) if best_path.is_file() else None}
-        tb.hparams(self.cfg, {f"{s}/{k}": v for s in ("val", "test") for k, v in result[s].items()})
+        if self.stages:
+            result["stages"] = self.history.get("stages", {})
+        tb.hparams(self.stored_cfg, {f"{s}/{k}": v for s in ("val", "test") for k, v in result[s].items()})
         write_json(self.run_dir / "metrics.json", result)
         print_metrics(f"nnctl train: {self.epoch} epoch(s), {self.step} steps, {seconds:.1f}s", rows)
         console.print(f"run dir: {self.run_dir}")

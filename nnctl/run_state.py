@@ -46,7 +46,7 @@ def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
     """Everything needed to continue exactly. MODEL holds the evaluation weights (EMA when on)."""
     optimizers, schedules = engine.optim.state_dict() if engine.optim else ({}, {})
     state = {
-        ck.CONFIG: OmegaConf.to_yaml(engine.cfg, resolve=True),
+        ck.CONFIG: OmegaConf.to_yaml(engine.stored_cfg, resolve=True),
         ck.MODEL: engine.eval_net.state_dict(),
         ck.OPTIMIZER: optimizers,
         ck.SCHEDULER: schedules,
@@ -91,7 +91,10 @@ def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
     """After validation: update the best tracker, write best.pt (and top-k) when it improved, and last.pt."""
     c = engine.t.checkpoint
     engine.history["last"] = dict(metrics)
-    due = engine.epoch % c.every_n_epochs == 0 or engine.epoch == engine.t.max_epochs
+    boundary = engine.stages is not None and engine.stages.is_last_epoch(engine.epoch)
+    if boundary:
+        engine.history.setdefault("stages", {})[engine.stage.name] = dict(metrics, epoch=engine.epoch)
+    due = engine.epoch % c.every_n_epochs == 0 or engine.epoch == engine.t.max_epochs or boundary
     improved = engine.best.update(metrics) if due else False
     if improved:
         engine.history["best"] = dict(metrics, epoch=engine.epoch)
@@ -105,6 +108,8 @@ def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
             _keep_top_k(engine, state, metrics, directory, c.save_top_k)
     if c.save_last:
         ck.save_checkpoint(state, directory / ck.LAST)
+    if boundary:  # the model as each stage left it
+        ck.save_checkpoint(state, directory / f"stage{engine.stage.index + 1}-{engine.stage.name}.pt")
 
 
 def save_last(engine: "Engine") -> Path | None:

@@ -219,7 +219,57 @@ CASES = [
          r"paths\.output_dir: cannot create .*afile/outputs.*; set paths\.output_dir .* to a writable directory"),
     case("output-dir-not-writable-sweep", ["train", "-m", "paths.output_dir={files}/afile/outputs",
                                            "trainer.max_epochs=1,2"], r"paths\.output_dir: cannot create"),
+    # -- tune, lr-find, explain, summary -------------------------------------------------------------------------------
+    case("tune-unknown-key", ["tune", "~search.params", "+search.params={{optimizer.lrr: {{type: float, "
+                                                        "low: 0.001, high: 0.1}}}}"],
+         r"search\.params\.optimizer\.lrr: not a key of the trial config \(did you mean 'optimizer\.lr'\?\)"),
+    case("tune-empty-range", ["tune", "search.params={{optimizer.lr: {{low: 0.1, high: 0.01}}}}"],
+         r"search\.params\.optimizer\.lr: empty range: low=0\.1 is not below high=0\.01"),
+    case("tune-log-range-at-zero", ["tune", "search.params={{optimizer.lr: {{low: 0.0}}}}"],
+         r"search\.params\.optimizer\.lr: a log range needs low > 0"),
+    case("tune-metric-not-produced", ["tune", "search.metric=val/f1"],
+         r"search\.metric: 'val/f1' is not a metric this run produces; choose one of .*val/acc"),
+    case("tune-unknown-pruner", ["tune", "search.pruner=hyperband"],
+         r"search\.pruner: got 'hyperband'; expected one of median, successive_halving, none"),
+    case("lr-find-too-few-steps", ["lr-find", "lr_find.num_steps=2"], r"lr_find\.num_steps: got 2; expected an "
+                                                                      r"integer >= 10"),
+    case("explain-unknown-method", ["explain", "ckpt={run}", "method=gradcams"],
+         r"method: unknown method 'gradcams' \(did you mean 'gradcam'\?\); choose one of gradcam, "),
+    case("explain-gradcam-without-conv", ["explain", "ckpt={run}", "method=gradcam"],
+         r"method: gradcam needs a Conv2d layer and this MLP has none; use method=saliency"),
+    case("explain-not-a-classifier", ["explain", "ckpt={files}/regression.pt", "method=saliency"],
+         r"ckpt: .*regression\.pt is not an image classifier's checkpoint \(its objective is Objective"),
+    case("eval-worst-k-negative", ["eval", "ckpt={run}", "eval.worst_k=-1"],
+         r"eval\.worst_k: got -1; expected an integer >= 0"),
+    case("summary-not-a-dir", ["summary", "{tmp}/nowhere"], r"SWEEP_DIR: .*nowhere is not a directory"),
+    case("summary-no-jobs", ["summary", "{files}/emptydir"], r"SWEEP_DIR: .*emptydir holds no job dirs"),
     case("unknown-command", ["trian"], r"^nnctl: unknown command 'trian' \(did you mean 'train'\?\)"),
+    # -- engine contract and curriculum stages -----------------------------------------------------------------
+    case("stages-unknown-key", ["train", *TINY, "stages=[{{name: a, epochs: 1, overrides: {{data.batchsize: 8}}}}]"],
+         r"stages\[0\]\.overrides: data\.batchsize: not a key of the config \(did you mean 'data\.batch_size'\?\)"),
+    case("stages-change-model", ["train", *TINY, "stages=[{{name: a, epochs: 1, overrides: {{model.hidden_sizes: [8]}}}}]"],
+         r"stages\[0\]\.overrides: a stage cannot change model\.hidden_sizes"),
+    case("stages-zero-epochs", ["train", *TINY, "stages=[{{name: a, epochs: 0}}]"],
+         r"stages\[0\]\.epochs: got 0; expected an integer >= 1"),
+    case("stages-duplicate-name", ["train", *TINY, "stages=[{{name: a, epochs: 1}}, {{name: a, epochs: 1}}]"],
+         r"stages\[1\]\.name: got name 'a'; each stage needs its own name"),
+    case("stages-not-a-list", ["train", *TINY, "stages=3"], r"stages: expected a non-empty list"),
+    case("l1-negative", ["train", *TINY, "trainer.l1=-0.1"], r"trainer\.l1: got -0\.1; expected a number >= 0"),
+    case("grad-checkpointing-no-blocks", ["train", "data=synthetic", "model=cnn", "trainer.grad_checkpointing=true"],
+         r"trainer\.grad_checkpointing: CNN has no `blocks` to recompute"),
+    # -- generative models: nnctl sample and quality scores ------------------------------------------------------------
+    case("sample-classifier", ["sample", "ckpt={run}"], r"ckpt: .*does not generate images; pass a checkpoint of "
+                                                        r"model=gan, vae or diffusion"),
+    case("sample-class-label-range", ["sample", "ckpt={ddpm}", "class_label=10"],
+         r"class_label: got 10; this model knows classes 0 to 9"),
+    case("sample-class-label-unconditional", ["sample", "ckpt={gan}", "class_label=1"],
+         r"class_label: this model was trained without class labels"),
+    case("sample-steps-above-schedule", ["sample", "ckpt={ddpm}", "steps=101"],
+         r"steps: got 101; this model was trained with a 100-step noise schedule"),
+    case("sample-steps-on-a-gan", ["sample", "ckpt={gan}", "steps=10"], r"steps: a GAN has no steps setting"),
+    case("sample-reconstruct-gan", ["sample", "ckpt={gan}", "mode=reconstruct"], r"mode: a GAN does not reconstruct"),
+    case("eval-feature-ckpt-other-data", ["eval", "ckpt={gan}", "eval.feature_ckpt={run}"],
+         r"eval\.feature_ckpt: .* was trained on other data \(in_shape \[3, 16, 16\] vs the generator's \[1, 8, 8\]\)"),
 ]
 
 
@@ -246,6 +296,13 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     run, files = base / "run", base / "files"
     files.mkdir()
     assert main(["train", *TINY, f"paths.root_dir={base}", f"hydra.run.dir={run}"]) == 0
+    generative = ["data=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                  "trainer.device=cpu", "trainer.progress=false", "trainer/checkpoint=loss", f"paths.root_dir={base}"]
+    assert main(["train", *generative, "model=gan", "objective=gan", "model.arch=mlp", "model.hidden=16",
+                 "objective.grid_samples=4", f"hydra.run.dir={base / 'gan'}"]) == 0
+    assert main(["train", *generative, "model=diffusion", "objective=diffusion", "model.channels=[8,16]",
+                 "model.conditional=true", "model.timesteps=100", "model.sample_steps=2", "objective.grid_samples=4",
+                 f"hydra.run.dir={base / 'ddpm'}"]) == 0
     best = run / "checkpoints" / ck.BEST
     data = best.read_bytes()
     (files / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -258,6 +315,9 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg = OmegaConf.create(state[ck.CONFIG])
     cfg.model.hidden_sizes = [32]  # the stored config now describes a model the stored weights do not fit
     ck.save_checkpoint({**state, ck.CONFIG: OmegaConf.to_yaml(cfg)}, files / "mismatch.pt")
+    cfg = OmegaConf.create(state[ck.CONFIG])
+    cfg.objective = {"_target_": "nnctl.objectives.Objective", "_partial_": True}  # not a classifier's objective
+    ck.save_checkpoint({**state, ck.CONFIG: OmegaConf.to_yaml(cfg)}, files / "regression.pt")
     (files / "emptydir").mkdir()
     (files / "empty_root").mkdir()
     (files / "no_classes").mkdir()
@@ -267,21 +327,23 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (files / "one_class.csv").write_text("text,label\nbuy now,spam\ncheap pills,spam\n")
     (files / "latin1.csv").write_bytes("text,label\nok,a\ncaf\xe9,b\n".encode("latin-1"))  # offset 19: 0xe9
     (files / "table.csv").write_text("a,colour,y\n1,red,2.0\n2,blue,3.5\n")
-    return {"run": run, "files": files, "digests": _digests(base)}  # type: ignore[dict-item]
+    return {"run": run, "files": files, "gan": base / "gan", "ddpm": base / "ddpm",  # type: ignore[dict-item]
+            "digests": _digests(base)}
 
 
 @pytest.mark.parametrize("argv, code, pattern", CASES)
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], code: int, pattern: str, crafted: dict,
                                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
-    places = {"run": crafted["run"], "files": crafted["files"], "tmp": tmp_path}
+    places = {"run": crafted["run"], "files": crafted["files"], "tmp": tmp_path, "gan": crafted["gan"],
+              "ddpm": crafted["ddpm"]}
     args = [a.format(**places) for a in argv]
     assert main(args) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{err}"
-    assert lines[0].startswith(("nnctl train: error: ", "nnctl eval: error: ", "nnctl: ")), lines[0]
+    assert re.match(r"nnctl( [a-z-]+: error:|:) ", lines[0]), lines[0]  # "nnctl <command>: error: ..."
     assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
     assert not (crafted["files"] / "pwned").exists(), "a malicious pickle ran code"
     # what existed before (the finished run, its checkpoints, the crafted files) is byte-identical

@@ -20,7 +20,7 @@ from nnctl.cli import main
 from nnctl.errors import UserError
 
 FAST = ["trainer.progress=false", "trainer.device=cpu", "trainer.log_every_n_steps=5"]
-REGRESSION = ["trainer.checkpoint.monitor=val/loss", "trainer.checkpoint.mode=min"]
+REGRESSION = ["trainer/checkpoint=loss"]
 SEQ = ["data=sequence_tasks", "data.num_samples=600", "data.min_len=3", "data.max_len=8"]
 
 
