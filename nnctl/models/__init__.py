@@ -1,4 +1,4 @@
-"""Model families. Each is built by Hydra from `model/<name>.yaml`; in_shape and num_classes come from the data."""
+"""Model families. Each is built by Hydra from `model/<name>.yaml`, completed with what the data provides (its spec)."""
 from __future__ import annotations
 
 import torch
@@ -22,6 +22,16 @@ def activation(name: str) -> nn.Module:
     except KeyError:
         raise UserError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}",
                         key="model.activation") from None
+
+
+def head_size(num_classes: int | None, num_outputs: int | None) -> int:
+    """Logits per class for classification data, one value per target for regression data."""
+    if num_classes is not None:
+        return num_classes
+    if num_outputs is not None:
+        return num_outputs
+    raise UserError("the data provides neither num_classes nor num_outputs; choose classification or regression "
+                    "data for this model", key="model")
 
 
 def checkpoint_blocks(net: nn.Module) -> None:

@@ -72,6 +72,8 @@ class Objective:
 # on use)
 OBJECTIVES: dict[str, str] = {
     "class": "nnctl.objectives.classification:Classification",
+    "regression": "nnctl.objectives.regression:Regression",
+    "seq2seq": "nnctl.objectives.seq2seq:Seq2Seq",
     "gan": "nnctl.objectives.generative:GANObjective",
     "vae": "nnctl.objectives.generative:VAEObjective",
     "diffusion": "nnctl.objectives.generative:DiffusionObjective",

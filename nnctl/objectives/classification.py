@@ -1,4 +1,7 @@
-"""Classification: cross entropy and accuracy, with test-time augmentation for image classifiers."""
+"""Classification: cross entropy and accuracy, with test-time augmentation for image classifiers.
+
+A batch is (inputs..., labels): (images, labels) for image data, (tokens or values, mask, labels) for sequences;
+the model is called with the inputs in that order."""
 from __future__ import annotations
 
 import torch
@@ -8,11 +11,11 @@ import torch.nn.functional as F
 from nnctl.metrics import Averages
 from nnctl.objectives import Objective
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]  # (*inputs, labels [B])
 
 
-def _plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x)
+def _plain(model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    return model(*inputs)
 
 
 def _flip(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -50,20 +53,21 @@ class Classification(Objective):
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
 
     def count(self, batch: Batch) -> int:
-        return len(batch[1])
+        return len(batch[-1])
 
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, y = batch
-        logits = model(x)  # [B, num_classes]
+        *inputs, y = batch
+        logits = model(*inputs)  # [B, num_classes]
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         return loss, {"acc": (logits.argmax(dim=1) == y).sum()}  # a count: 3 ops; integers carry no graph
 
-    def predict(self, model: nn.Module, x: torch.Tensor, tta: str | bool | None) -> torch.Tensor:
-        return tta_mode(tta)(model, x)  # [B, num_classes]
+    def predict(self, model: nn.Module, *inputs: torch.Tensor, tta: str | bool | None) -> torch.Tensor:
+        """Logits [B, num_classes]; TTA modes other than none take images only (the engine refuses the rest)."""
+        return tta_mode(tta)(model, *inputs)
 
     def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
-        x, y = batch
-        logits = self.predict(model, x, tta).float()  # [B, num_classes]
+        *inputs, y = batch
+        logits = self.predict(model, *inputs, tta=tta).float()  # [B, num_classes]
         # Unsmoothed cross entropy: evaluation loss stays comparable across label_smoothing settings.
         sums = {"loss": F.cross_entropy(logits, y, reduction="sum"), "acc": (logits.argmax(1) == y).sum()}
         if self.num_classes > 5:
