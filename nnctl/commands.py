@@ -15,7 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from nnctl.errors import USER_ERROR_EXIT, Interrupted, UserError, one_line
 
-CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+def _default_config_dir() -> Path:
+    """The configs shipped inside an installed wheel (nnctl/configs), else the source tree's top-level configs/."""
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs" / "train.yaml").is_file() else package.parent / "configs"
+
+
+# NNCTL_CONFIG_DIR replaces the built-in configs; Hydra's --config-dir adds a dir of your own to the search path.
+CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR") or _default_config_dir())
 GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer")
 EVAL_PATCHABLE = ("data", "trainer", "eval")
 
