@@ -36,22 +36,35 @@ FAILED: list[BaseException] = []  # a single run's exception, raised again after
 def train_task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
+    from nnctl import checkpoint as ck
     from nnctl.engine import Engine
-    from nnctl.reporting import print_config, print_model_summary
+    from nnctl.reporting import console, print_config, print_model_summary
     from nnctl.validate import validate
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    state = None
+    state, plan = None, "new"
     if cfg.resume is not None:
-        from nnctl.resume import resume_config
+        from nnctl.resume import continuation, resume_config
 
         cfg, state, run_dir = resume_config(cfg, HydraConfig.get().overrides.task, CONFIG_DIR)
     validate(cfg)
+    if state is not None:
+        plan = continuation(cfg, state)
+    if plan == "done":  # no training and no re-evaluation: the run dir stays as it is
+        console.print(f"nothing left to train: {run_dir} has trained {state[ck.EPOCH]} epoch(s), {state[ck.STEP]} "
+                      "steps, as many as this run asks for; pass a larger trainer.max_epochs (or trainer.max_steps) "
+                      "to train longer", markup=False, soft_wrap=True)
+        return {"epochs": state[ck.EPOCH], "global_step": state[ck.STEP], "checkpoint": cfg.resume}
     print_config(cfg)
     engine = Engine(cfg, run_dir)
     print_model_summary(engine.model)
     if state is not None:
         engine.load_state_dict(state, full=True)
+    if plan == "replan":
+        steps = engine.replan_schedule()
+        log.warning("trainer.extend_schedule: the %d steps left (to trainer.max_epochs=%d) get a fresh %s "
+                    "schedule, starting over from its beginning; the optimizer state carries on", steps,
+                    cfg.trainer.max_epochs, cfg.scheduler._target_.rpartition(".")[2])
     return engine.fit()
 
 

@@ -111,7 +111,8 @@ class Engine:
         return min(steps, t.max_steps) if t.max_steps else steps
 
     # -- optimization setup -------------------------------------------------------------------------------------
-    def configure_optimization(self) -> None:
+    def configure_optimization(self, total_steps: int | None = None) -> None:
+        """Build the optimizer and a schedule planned over `total_steps` (default: the whole run)."""
         t = self.t
         if self.batches_per_epoch("train") < t.grad_accum_steps:
             raise UserError(f"an epoch has {self.batches_per_epoch('train')} batch(es), fewer than "
@@ -125,8 +126,23 @@ class Engine:
             self.optimizer = build(params=groups)
         with _user_errors("scheduler"):
             self.schedule = instantiate(self.cfg.scheduler)(
-                optimizer=self.optimizer, total_steps=self.total_steps(),
+                optimizer=self.optimizer, total_steps=self.total_steps() if total_steps is None else total_steps,
                 steps_per_epoch=self.batches_per_epoch("train") // t.grad_accum_steps)
+
+    def replan_schedule(self) -> int:
+        """After a full load_state_dict: give the steps left to the configured end a fresh schedule, started as the
+        configured schedule starts (warmup, peak lr), while the optimizer keeps its moments. Returns those steps."""
+        t = self.t
+        per_epoch = self.batches_per_epoch("train") // t.grad_accum_steps
+        remaining = min((t.max_epochs - self.epoch) * per_epoch - self.batch_in_epoch // t.grad_accum_steps,
+                        self.total_steps() - self.step)
+        moments = self.optimizer.state_dict()
+        self.configure_optimization(total_steps=remaining)  # a fresh optimizer at the configured lr, a new schedule
+        planned = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(moments)
+        for group, fresh in zip(self.optimizer.param_groups, planned):
+            group.update(fresh)  # lr and schedule bookkeeping from the new plan; moments from the run
+        return remaining
 
     # -- the training loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
