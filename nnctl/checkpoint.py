@@ -34,6 +34,7 @@ TRACKERS = "trackers"           # best-metric / early-stopping bookkeeping
 METRICS = "metrics"             # metrics at save time
 RNG = "rng"
 EXTRA = "extra"                 # state of optional components (e.g. EMA weights)
+DATA = "data_state"             # what the data module built and the model depends on (e.g. a tokenizer)
 
 BEST, LAST = "best.pt", "last.pt"
 

@@ -51,12 +51,13 @@ def train_task(cfg: DictConfig) -> dict[str, Any]:
     if state is not None:
         plan = continuation(cfg, state)
     if plan == "done":  # no training and no re-evaluation: the run dir stays as it is
+        longer = ("its stages are done" if cfg.get("stages") else
+                  "to train longer, pass a larger trainer.max_epochs (or trainer.max_steps)")
         console.print(f"nothing left to train: {run_dir} has trained {state[ck.EPOCH]} epoch(s), {state[ck.STEP]} "
-                      "steps, as many as this run asks for; pass a larger trainer.max_epochs (or trainer.max_steps) "
-                      "to train longer", markup=False, soft_wrap=True)
+                      f"steps, as many as this run asks for; {longer}", markup=False, soft_wrap=True)
         return {"epochs": state[ck.EPOCH], "global_step": state[ck.STEP], "checkpoint": cfg.resume}
     print_config(cfg)
-    engine = Engine(cfg, run_dir)
+    engine = Engine(cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]) if state else (0, 0))
     print_model_summary(engine.model)
     if state is not None:
         engine.load_state_dict(state, full=True)
@@ -86,7 +87,7 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
     run_cfg = merge_strict(stored, patch)
     validate(run_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    engine = Engine(run_cfg, run_dir)
+    engine = Engine(run_cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]))
     engine.load_state_dict(state, full=False)
     metrics = engine.evaluate(cfg.split)
     result = {cfg.split: {k.split("/", 1)[1]: v for k, v in metrics.items()}, "checkpoint": str(path),

@@ -106,6 +106,13 @@ class TensorBoard:
         if values:
             self.writer.file_writer.add_summary(self._summary(value=values), step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """One image [C, H, W], floats in [0, 1] (e.g. a sample grid)."""
+        self.writer.add_image(tag, image, step)
+
     def config(self, cfg: DictConfig) -> None:
         text = "\n".join("    " + line for line in OmegaConf.to_yaml(cfg).splitlines())  # markdown code block
         self.writer.add_text("config", text, 0)

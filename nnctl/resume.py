@@ -107,6 +107,10 @@ def continuation(cfg: DictConfig, state: dict[str, Any]) -> str:
 
     stored, t = OmegaConf.create(state[ck.CONFIG]).trainer, cfg.trainer
     epoch, step = state[ck.EPOCH], state[ck.STEP]
+    if cfg.get("stages"):  # the stages fix the run's length (trainer.max_epochs follows them), each its schedule
+        from nnctl.stages import Stages
+
+        return "done" if epoch >= Stages(cfg).total_epochs or (t.max_steps and step >= t.max_steps) else "exact"
     if epoch >= t.max_epochs or (t.max_steps and step >= t.max_steps):
         return "done"
     finished = epoch >= stored.max_epochs or bool(stored.max_steps and step >= stored.max_steps)

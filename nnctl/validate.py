@@ -155,6 +155,8 @@ RULES: list[Rule] = [
     Rule("trainer.grad_accum_steps", INT, lambda v: v >= 1, "an integer >= 1, e.g. trainer.grad_accum_steps=2"),
     Rule("trainer.grad_clip_norm", NUM, _positive, "a number > 0 or null, e.g. trainer.grad_clip_norm=1.0",
          nullable=True),
+    Rule("trainer.grad_checkpointing", BOOL, None, "true or false"),
+    Rule("trainer.l1", NUM, lambda v: v >= 0, "a number >= 0 (0 = off), e.g. trainer.l1=1e-5"),
     Rule("trainer.label_smoothing", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. 0.1"),
     Rule("trainer.decay_norm_bias", BOOL, None, "true or false"),
     Rule("trainer.seed", INT, lambda v: v >= 0, "an integer >= 0"),

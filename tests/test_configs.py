@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import fixtures as fx
 from nnctl.engine import Engine, Tracker, param_groups
+from nnctl.spec import complete
 from nnctl.errors import UserError
 from nnctl.metrics import Averages
 from nnctl.validate import validate
@@ -319,7 +320,8 @@ def test_adapter_options_return_a_trainable_model() -> None:
 @pytest.mark.parametrize("option", GROUPS["objective"])
 def test_every_objective_gives_a_loss_and_metrics(option: str) -> None:
     cfg = compose_train(f"objective={option}", "trainer.label_smoothing=0.1")
-    objective = instantiate(cfg.objective)(num_classes=10)
+    spec = {"input": "image", "target": "class", "in_shape": (1, 8, 8), "num_classes": 10, "classes": list("0123456789")}
+    objective = complete(instantiate(cfg.objective), spec, "objective")  # as the engine completes it
     assert objective.label_smoothing == 0.1  # interpolated from trainer.label_smoothing
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     batch = (torch.randn(16, 1, 8, 8), torch.arange(16) % 10)

@@ -194,6 +194,19 @@ CASES = [
     case("output-dir-not-writable-sweep", ["train", "-m", "paths.output_dir={files}/afile/outputs",
                                            "trainer.max_epochs=1,2"], r"paths\.output_dir: cannot create"),
     case("unknown-command", ["trian"], r"^nnctl: unknown command 'trian' \(did you mean 'train'\?\)"),
+    # -- engine contract and curriculum stages -----------------------------------------------------------------
+    case("stages-unknown-key", ["train", *TINY, "stages=[{{name: a, epochs: 1, overrides: {{data.batchsize: 8}}}}]"],
+         r"stages\[0\]\.overrides: data\.batchsize: not a key of the config \(did you mean 'data\.batch_size'\?\)"),
+    case("stages-change-model", ["train", *TINY, "stages=[{{name: a, epochs: 1, overrides: {{model.hidden_sizes: [8]}}}}]"],
+         r"stages\[0\]\.overrides: a stage cannot change model\.hidden_sizes"),
+    case("stages-zero-epochs", ["train", *TINY, "stages=[{{name: a, epochs: 0}}]"],
+         r"stages\[0\]\.epochs: got 0; expected an integer >= 1"),
+    case("stages-duplicate-name", ["train", *TINY, "stages=[{{name: a, epochs: 1}}, {{name: a, epochs: 1}}]"],
+         r"stages\[1\]\.name: got name 'a'; each stage needs its own name"),
+    case("stages-not-a-list", ["train", *TINY, "stages=3"], r"stages: expected a non-empty list"),
+    case("l1-negative", ["train", *TINY, "trainer.l1=-0.1"], r"trainer\.l1: got -0\.1; expected a number >= 0"),
+    case("grad-checkpointing-no-blocks", ["train", *TINY, "trainer.grad_checkpointing=true"],
+         r"trainer\.grad_checkpointing: MLP has no `blocks` to recompute"),
 ]
 
 

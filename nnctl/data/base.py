@@ -128,6 +128,12 @@ class ImageData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def spec(self) -> dict:
+        """What models and objectives are completed with (see nnctl.spec)."""
+        return {"input": "image", "target": "class", "in_shape": self.in_shape, "num_classes": self.num_classes,
+                "classes": list(self.classes)}
+
     def num_batches(self, split: str) -> int:
         n = len(self.splits[split][1])
         return n // self.batch_size if split == "train" else math.ceil(n / self.eval_batch_size)

@@ -1,29 +1,14 @@
-"""Training objectives: what a batch means to a model (loss and metrics), kept out of the engine loop.
-
-An objective turns (model, batch) into a loss and per-batch statistics, and adds evaluation sums to running
-averages. The engine only calls `training_step` and `eval_update`, so regression, language modelling or
-generative objectives plug in with their own class and `objective/<name>.yaml`, without touching the loop.
-"""
+"""Classification: cross entropy and accuracy, with test-time augmentation for image classifiers."""
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nnctl.metrics import Averages
+from nnctl.objectives import Objective
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class Objective(Protocol):
-    def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward pass and mean loss. Returns (loss, {metric name: sum over the batch}), all on the device: the
-        engine averages the sums per sample (so `acc` is returned as a count of correct predictions)."""
-
-    def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
-        """Run the model on an evaluation batch; add its per-sample sums to `metrics` (names unprefixed)."""
 
 
 def _plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,11 +42,14 @@ def tta_mode(name: str | bool | None):  # noqa: ANN201 - returns one of TTA_MODE
     return TTA_MODES[name]
 
 
-class Classification:
+class Classification(Objective):
     """Cross entropy with optional label smoothing; accuracy (and top-5 accuracy when there are > 5 classes)."""
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0) -> None:
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
+
+    def count(self, batch: Batch) -> int:
+        return len(batch[1])
 
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch

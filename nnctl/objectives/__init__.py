@@ -1,0 +1,86 @@
+"""Training objectives: what a batch means to a model (loss, metrics, sample count), kept out of the engine loop.
+
+An objective turns (model, batch) into a loss and per-batch sums, and adds evaluation sums to running averages.
+The engine only calls `training_steps`, `count` and `eval_update` (and `optimizer_groups` once), so regression,
+language modelling or generative objectives plug in with their own class and `objective/<name>.yaml`.
+
+`objective=auto` (the default) picks the objective from what the data says its target is (`spec["target"]`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from nnctl.errors import UserError
+from nnctl.metrics import Averages
+
+Batch = Any  # whatever the data module yields: a tuple of tensors, a dict, ...
+Step = tuple[str, torch.Tensor, dict[str, torch.Tensor]]  # (parameter group, mean loss, per-batch sums)
+
+
+class Objective:
+    """Base class. Subclasses implement `training_step` (or `training_steps` for several updates per batch)
+    and `eval_update`."""
+
+    def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward pass and mean loss. Returns (loss, {metric name: sum over the batch}), all on the device: the
+        engine averages the sums per sample (so `acc` is returned as a count of correct predictions)."""
+        raise NotImplementedError
+
+    def training_steps(self, model: nn.Module, batch: Batch) -> Iterator[Step]:
+        """The updates of one batch, in order: yields (group, loss, sums); the engine runs backward and steps that
+        group's optimizer before asking for the next one. One group by default."""
+        loss, sums = self.training_step(model, batch)
+        yield "main", loss, sums
+
+    def optimizer_groups(self, net: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Parameters per optimizer, in update order. One optimizer over every trainable parameter by default."""
+        return {"main": [p for p in net.parameters() if p.requires_grad]}
+
+    def count(self, batch: Batch) -> int:
+        """Samples in a batch (the weight of its mean loss in the epoch average). Must not wait for the device."""
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        first = next(iter(first.values())) if isinstance(first, dict) else first
+        return len(first)
+
+    def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
+        """Run the model on an evaluation batch; add its per-sample sums to `metrics` (names unprefixed)."""
+        raise NotImplementedError
+
+    def summarize(self, means: dict[str, float]) -> dict[str, float]:
+        """Metrics derived from the epoch's averages (e.g. perplexity = exp(loss), R^2 from sums of squares);
+        may drop helper sums. Called on training and evaluation averages (unprefixed names)."""
+        return means
+
+    def after_validation(self, model: nn.Module, data: Any, epoch: int, run_dir: Path, tb: Any, step: int) -> None:
+        """Called after each validation with the evaluation weights: e.g. write a text sample or an image grid
+        (`tb.text(tag, text, step)`, `tb.image(tag, image [C, H, W] in [0, 1], step)`). Nothing by default."""
+
+
+# spec["target"] -> the objective class that trains for it ("module:Class", imported on use)
+OBJECTIVES: dict[str, str] = {
+    "class": "nnctl.objectives.classification:Classification",
+}
+
+
+def auto(target: str, **options: Any) -> Objective:
+    """The objective registered for the data's target kind, completed with the options and spec entries its
+    constructor accepts (e.g. label_smoothing only reaches classifiers)."""
+    from nnctl.spec import complete
+
+    if target not in OBJECTIVES:
+        raise UserError(f"no objective trains a {target!r} target; registered: {', '.join(OBJECTIVES)}",
+                        key="objective")
+    module, name = OBJECTIVES[target].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    return complete(functools.partial(cls), options, "objective")
+
+
+from nnctl.objectives.classification import TTA_MODES, Classification, tta_mode  # noqa: E402  (re-exported)
+
+__all__ = ["OBJECTIVES", "TTA_MODES", "Batch", "Classification", "Objective", "Step", "auto", "tta_mode"]

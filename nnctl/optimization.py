@@ -1,0 +1,138 @@
+"""Optimizers, learning-rate schedules and loss scaling for one run.
+
+An objective may update several parameter groups in turn (a GAN's discriminator, then its generator); each group
+gets its own optimizer built from `cfg.optimizer` and its own schedule from `cfg.scheduler`. A plain objective has
+one group, "main". One batch is one global step, whatever the number of groups.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from nnctl.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(params: Any, weight_decay: float, decay_norm_bias: bool) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices/kernels only; norm scales and biases (1-D tensors) are left undecayed.
+
+    `params` is a module or an iterable of parameters; frozen parameters are left out.
+    """
+    params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
+    if decay_norm_bias:
+        return [{"params": params, "weight_decay": weight_decay}]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+@contextlib.contextmanager
+def user_errors(group: str) -> Iterator[None]:
+    """A constructor rejecting its configured arguments is the user's to fix: name the group."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{exc}; check the {group} settings (nnctl train --cfg job shows them)", key=group) from exc
+
+
+class Optimization:
+    """One optimizer and schedule per parameter group, one loss scaler, and the non-finite-loss guard."""
+
+    def __init__(self, cfg: DictConfig, groups: dict[str, list[nn.Parameter]], device: torch.device,
+                 scaler: torch.amp.GradScaler, trainer: Any, total_steps: int, steps_per_epoch: int) -> None:
+        self.t, self.device, self.scaler = trainer, device, scaler
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedules: dict[str, Any] = {}
+        for name, params in groups.items():
+            build = instantiate(cfg.optimizer)  # a partial: parameters come from the model
+            split = param_groups(params, build.keywords.get("weight_decay", 0.0), trainer.decay_norm_bias)
+            if not any(g["params"] for g in split):
+                raise UserError(f"nothing to train in the {name!r} parameter group: every parameter is frozen; "
+                                "check the adapter / finetune.freeze settings", key="optimizer")
+            if device.type == "cuda" and "fused" in inspect.signature(build.func).parameters:
+                build.keywords.setdefault("fused", True)  # one kernel for the whole update instead of one per tensor
+            with user_errors("optimizer"):  # torch validates its arguments here (betas, eps, ...)
+                self.optimizers[name] = build(params=[g for g in split if g["params"]])
+            with user_errors("scheduler"):
+                self.schedules[name] = instantiate(cfg.scheduler)(
+                    optimizer=self.optimizers[name], total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        self.params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
+        self._bad_steps, self._last_finite = 0, float("nan")
+
+    @property
+    def first(self) -> torch.optim.Optimizer:
+        return next(iter(self.optimizers.values()))
+
+    def step(self, name: str, loss: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Clip and apply group `name`'s update (skipped on a non-finite loss or an fp16 overflow), then clear
+        every group's gradients: a generator's loss also reaches the discriminator's weights. Returns the
+        gradient norm when clipping computed it."""
+        opt = self.optimizers[name]
+        if self._skip_nonfinite(loss, step):
+            self.zero_grad()
+            return None
+        grad_norm = None
+        if self.t.grad_clip_norm is not None:
+            self.scaler.unscale_(opt)
+            grad_norm = nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                 self.t.grad_clip_norm)
+        self.scaler.step(opt)
+        self.scaler.update()
+        self.zero_grad()
+        return grad_norm
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+    def after_step(self) -> None:
+        for schedule in self.schedules.values():
+            schedule.after_step()
+
+    def after_epoch(self, metrics: dict[str, float]) -> None:
+        for schedule in self.schedules.values():
+            schedule.after_epoch(metrics)
+
+    def _skip_nonfinite(self, loss: torch.Tensor, step: int) -> bool:
+        """True when this step's loss is NaN/inf (its update is skipped); stops after max_bad_steps in a row.
+
+        Checking needs the loss on the host. On CPU that costs nothing; on CUDA it would stall the pipeline every
+        step, so there the check runs at the logging cadence and fp16's grad scaler guards the steps in between.
+        """
+        if self.device.type == "cuda" and (step + 1) % self.t.log_every_n_steps:
+            return False
+        value = loss.item()  # no detach needed: item() reads the value
+        if math.isfinite(value):
+            self._bad_steps, self._last_finite = 0, value
+            return False
+        self._bad_steps += 1
+        if self._bad_steps >= self.t.max_bad_steps:
+            raise UserError(f"loss was {value} for {self._bad_steps} consecutive steps (up to step {step + 1}, "
+                            f"last finite loss {self._last_finite:.4g}); the learning rate is likely too high: lower "
+                            "optimizer.lr, set trainer.grad_clip_norm=1.0, or use precision=fp32. The last good "
+                            "checkpoint was kept", key="trainer.max_bad_steps")
+        log.warning("step %d: non-finite loss %s, update skipped", step + 1, value)
+        return True
+
+    # -- checkpoint state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(optimizer states, schedule states), each keyed by group name."""
+        return ({n: o.state_dict() for n, o in self.optimizers.items()},
+                {n: s.state_dict() for n, s in self.schedules.items()})
+
+    def load_state_dict(self, optimizers: dict[str, Any], schedules: dict[str, Any]) -> None:
+        if set(optimizers) != set(self.optimizers):
+            raise UserError(f"the checkpoint holds optimizer state for {sorted(optimizers)}, this run optimizes "
+                            f"{sorted(self.optimizers)}; resume with the configuration it was trained with",
+                            key="resume")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(optimizers[name])
+            self.schedules[name].load_state_dict(schedules[name])

@@ -1,0 +1,140 @@
+"""What a run must remember to continue exactly, and when it writes it: the checkpoint dict, best/last/top-k files,
+and the trackers behind checkpoint selection and early stopping."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from nnctl import checkpoint as ck
+from nnctl.errors import UserError
+from nnctl.metrics import Averages
+
+if TYPE_CHECKING:
+    from nnctl.engine import Engine
+
+
+class Tracker:
+    """Best value of a monitored metric, and how many checks in a row failed to improve it."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0, key: str = "monitor") -> None:
+        self.monitor, self.sign, self.min_delta = monitor, (1.0 if mode == "max" else -1.0), min_delta
+        self.key = key  # the config key that named the monitor, for error messages
+        self.best, self.bad_checks = -math.inf, 0
+
+    def update(self, metrics: dict[str, float]) -> bool:
+        """Record this check's value; True when it is the best so far."""
+        if self.monitor not in metrics:
+            raise UserError(f"metric {self.monitor!r} is not produced by this run; choose one of "
+                            f"{', '.join(sorted(metrics))}", key=self.key)
+        score = self.sign * metrics[self.monitor]
+        improved = math.isfinite(score) and score > self.best + self.min_delta
+        self.best, self.bad_checks = (score, 0) if improved else (self.best, self.bad_checks + 1)
+        return improved
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best, "bad_checks": self.bad_checks}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best, self.bad_checks = float(state["best"]), int(state["bad_checks"])
+
+
+def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
+    """Everything needed to continue exactly. MODEL holds the evaluation weights (EMA when on)."""
+    optimizers, schedules = engine.optim.state_dict() if engine.optim else ({}, {})
+    state = {
+        ck.CONFIG: OmegaConf.to_yaml(engine.stored_cfg, resolve=True),
+        ck.MODEL: engine.eval_net.state_dict(),
+        ck.OPTIMIZER: optimizers,
+        ck.SCHEDULER: schedules,
+        ck.SCALER: engine.scaler.state_dict(),
+        ck.EPOCH: engine.epoch, ck.STEP: engine.step, ck.BATCH_IN_EPOCH: engine.batch_in_epoch,
+        ck.TRACKERS: {"best": engine.best.state_dict(), "early_stopping": engine.stopper.state_dict(),
+                      "history": engine.history, "epoch_sums": engine.sums.state_dict()},
+        ck.METRICS: metrics,
+        ck.RNG: ck.rng_state(),
+        ck.EXTRA: {"train_model": engine.net.state_dict(), "ema_updates": engine.ema.updates}
+        if engine.ema is not None else {},
+    }
+    if hasattr(engine.data, "state_dict"):  # e.g. a tokenizer built from the training text
+        state[ck.DATA] = engine.data.state_dict()
+    return state
+
+
+def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None:
+    """Load the evaluation weights; with `full`, everything needed to continue training exactly."""
+    load_weights(engine.eval_net, state[ck.MODEL])
+    if not full:
+        return
+    extra = state[ck.EXTRA]
+    if engine.ema is not None:
+        if "train_model" not in extra:
+            raise UserError("the checkpoint was trained without EMA; resume with trainer/ema=off", key="trainer.ema")
+        load_weights(engine.net, extra["train_model"])
+        engine.ema.updates = int(extra["ema_updates"])
+    engine.configure_optimization()
+    engine.optim.load_state_dict(state[ck.OPTIMIZER], state[ck.SCHEDULER])
+    engine.scaler.load_state_dict(state[ck.SCALER])
+    engine.epoch, engine.step, engine.batch_in_epoch = state[ck.EPOCH], state[ck.STEP], state[ck.BATCH_IN_EPOCH]
+    trackers = state[ck.TRACKERS]
+    engine.best.load_state_dict(trackers["best"])
+    engine.stopper.load_state_dict(trackers["early_stopping"])
+    engine.history = trackers["history"]
+    engine.sums = Averages(trackers["epoch_sums"])
+    ck.set_rng_state(state[ck.RNG])
+
+
+def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
+    """After validation: update the best tracker, write best.pt (and top-k) when it improved, and last.pt."""
+    c = engine.t.checkpoint
+    engine.history["last"] = dict(metrics)
+    boundary = engine.stages is not None and engine.stages.is_last_epoch(engine.epoch)
+    if boundary:
+        engine.history.setdefault("stages", {})[engine.stage.name] = dict(metrics, epoch=engine.epoch)
+    due = engine.epoch % c.every_n_epochs == 0 or engine.epoch == engine.t.max_epochs or boundary
+    improved = engine.best.update(metrics) if due else False
+    if improved:
+        engine.history["best"] = dict(metrics, epoch=engine.epoch)
+    if not (c.enabled and due):
+        return
+    directory = engine.run_dir / "checkpoints"
+    state = state_dict(engine, metrics)
+    if improved:
+        ck.save_checkpoint(state, directory / ck.BEST)
+        if c.save_top_k:
+            _keep_top_k(engine, state, metrics, directory, c.save_top_k)
+    if c.save_last:
+        ck.save_checkpoint(state, directory / ck.LAST)
+    if boundary:  # the model as each stage left it
+        ck.save_checkpoint(state, directory / f"stage{engine.stage.index + 1}-{engine.stage.name}.pt")
+
+
+def save_last(engine: "Engine") -> Path | None:
+    """last.pt at the current step (an interrupt mid-epoch); None when checkpoints are off."""
+    if not engine.t.checkpoint.enabled:
+        return None
+    path = engine.run_dir / "checkpoints" / ck.LAST
+    ck.save_checkpoint(state_dict(engine, engine.history.get("last", {})), path)
+    return path
+
+
+def _keep_top_k(engine: "Engine", state: dict[str, Any], metrics: dict[str, float], directory: Path,
+                k: int) -> None:
+    name = engine.best.monitor.replace("/", "_")
+    ck.save_checkpoint(state, directory / f"epoch={engine.epoch:03d}-{name}={metrics[engine.best.monitor]:.4f}.pt")
+    ranked = sorted(directory.glob("epoch=*.pt"), key=lambda p: engine.best.sign * float(p.stem.split("=")[-1]),
+                    reverse=True)
+    for stale in ranked[k:]:
+        stale.unlink(missing_ok=True)
+
+
+def load_weights(module: nn.Module, weights: dict[str, Any]) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc)).rstrip(".")
+        raise UserError(f"the checkpoint's weights do not fit the model built from this config ({detail[:200]}); "
+                        "drop the model.* or data.* overrides that change layer shapes", key="model") from None
