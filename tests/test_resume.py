@@ -153,7 +153,7 @@ def test_extend_schedule_trains_a_finished_run_longer_under_a_fresh_schedule(
     assert main(["train", *DIGITS, f"hydra.run.dir={finished}"]) == 0
     state = ck.load_checkpoint(finished / "checkpoints" / ck.LAST)
     peak = float(OmegaConf.create(state[ck.CONFIG]).optimizer.lr)
-    assert state[ck.OPTIMIZER]["param_groups"][0]["lr"] < 0.01 * peak  # the schedule has ended
+    assert state[ck.OPTIMIZER]["main"]["param_groups"][0]["lr"] < 0.01 * peak  # the schedule has ended
     extended, final_lr = tmp_path / "extended", tmp_path / "final_lr"
     shutil.copytree(finished, extended)
     shutil.copytree(finished, final_lr)
