@@ -7,7 +7,12 @@ import sys
 COMMANDS = {
     "train": "train a model: nnctl train [group=option ...] [key=value ...] [-m for sweeps]",
     "eval": "evaluate a checkpoint: nnctl eval ckpt=PATH [split=val] [key=value ...]",
+    "tune": "search hyperparameters with Optuna: nnctl tune search=NAME [key=value ...] [study_dir=PATH]",
+    "lr-find": "learning-rate range test: nnctl lr-find [group=option ...] [key=value ...]",
+    "explain": "attribution maps: nnctl explain ckpt=PATH method=gradcam|integrated_gradients|saliency|occlusion",
+    "summary": "ranked table of a sweep or tune study: nnctl summary SWEEP_DIR",
 }
+PLAIN = {"summary": "nnctl.sweep_summary"}  # commands that are not Hydra apps: module with main(args) -> int
 
 USAGE = """usage: nnctl <command> [overrides ...]
 
@@ -23,7 +28,7 @@ Shell completion: eval "$(nnctl train --shell-completion install=bash)"
 
 
 def _usage() -> str:
-    return USAGE.format(commands="\n".join(f"  {name:<7}{text}" for name, text in COMMANDS.items()))
+    return USAGE.format(commands="\n".join(f"  {name:<8}{text}" for name, text in COMMANDS.items()))
 
 
 def _completion_command() -> str | None:
@@ -62,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         print(f"nnctl: unknown command '{args[0]}'{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if args[0] in PLAIN:
+        import importlib
+
+        return importlib.import_module(PLAIN[args[0]]).main(args[1:])
     from nnctl.commands import run
 
     return run(args[0], args[1:])

@@ -26,6 +26,7 @@ def _default_config_dir() -> Path:
 CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR") or _default_config_dir())
 GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer")
 EVAL_PATCHABLE = ("data", "trainer", "eval")
+EVAL_ONLY = ("worst_k",)  # eval.* keys of the eval/explain commands themselves, never patched onto a run
 
 log = logging.getLogger(__name__)
 JOBS: list[dict[str, Any]] = []  # one entry per job of this process (multirun summary)
@@ -69,31 +70,58 @@ def train_task(cfg: DictConfig) -> dict[str, Any]:
     return engine.fit()
 
 
-def eval_task(cfg: DictConfig) -> dict[str, Any]:
+def load_for_eval(cfg: DictConfig, classifier: bool = False) -> tuple[Any, dict[str, Any], Path, Path]:
+    """(engine with the checkpoint's weights, checkpoint state, checkpoint path, run dir) for `cfg.ckpt`, built from
+    the stored config with the command line's data/trainer/eval patches. With `classifier`, refuse checkpoints of
+    other objectives before building anything."""
     from hydra.core.hydra_config import HydraConfig
 
     from nnctl import checkpoint as ck
+    from nnctl.confusion import CLASSIFIERS, is_classifier
     from nnctl.engine import Engine
-    from nnctl.reporting import print_metrics, write_json
     from nnctl.validate import validate
 
+    validate(cfg)  # this command's own settings (eval.worst_k, ...)
     if cfg.split not in ("test", "val"):
         raise UserError(f"got {cfg.split!r}; expected test or val", key="split")
     path = ck.resolve_checkpoint(cfg.ckpt, prefer=ck.BEST)
     state = ck.load_checkpoint(path)
     stored = OmegaConf.create(state[ck.CONFIG])
-    patch = {k: OmegaConf.to_container(cfg[k]) for k in EVAL_PATCHABLE if cfg[k]}
+    if classifier and not is_classifier(stored):
+        raise UserError(f"{path} was trained with objective {stored.objective.get('_target_')}, not an image "
+                        f"classifier ({', '.join(CLASSIFIERS)}); pass the checkpoint of a classification run",
+                        key="ckpt")
+    patch = {k: OmegaConf.to_container(cfg[k]) for k in EVAL_PATCHABLE if k in cfg and cfg[k]}
     patch.get("eval", {}).pop("tta", None) if cfg.eval.tta is None else None
+    for key in EVAL_ONLY:  # settings of this command, not of the stored run
+        patch.get("eval", {}).pop(key, None)
     run_cfg = merge_strict(stored, patch)
     validate(run_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     engine = Engine(run_cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]))
     engine.load_state_dict(state, full=False)
+    return engine, state, path, run_dir
+
+
+def eval_task(cfg: DictConfig) -> dict[str, Any]:
+    from nnctl import checkpoint as ck
+    from nnctl.reporting import print_metrics, write_json
+
+    engine, state, path, run_dir = load_for_eval(cfg)
     metrics = engine.evaluate(cfg.split)
     result = {cfg.split: {k.split("/", 1)[1]: v for k, v in metrics.items()}, "checkpoint": str(path),
               "epoch": state[ck.EPOCH], "global_step": state[ck.STEP]}
-    write_json(run_dir / "metrics.json", result)
     print_metrics(f"nnctl eval: {path}", {cfg.split: result[cfg.split]})
+    from nnctl.confusion import analyze, is_classifier, print_per_class
+
+    if is_classifier(engine.cfg):  # confusion matrix, per-class table, most confidently wrong images
+        result.update(analyze(engine, cfg.split, engine.cfg.eval.tta, cfg.eval.worst_k, run_dir))
+        print_per_class(result["per_class"], f"{cfg.split}: per class")
+        shown = "confusion_matrix.png" + (", worst_k.png" if "worst" in result else "")
+        from nnctl.reporting import console
+
+        console.print(f"wrote {shown} and metrics.json to {run_dir}", markup=False)
+    write_json(run_dir / "metrics.json", result)
     return result
 
 
@@ -103,7 +131,33 @@ def merge_strict(base: DictConfig, patch: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(base, patch)
 
 
-TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task}
+def tune_task(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from nnctl.tune import tune
+
+    hc = HydraConfig.get()
+    return tune(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+
+
+def lr_find_task(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from nnctl.lr_find import lr_find
+
+    hc = HydraConfig.get()
+    return lr_find(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+
+
+def explain_task(cfg: DictConfig) -> dict[str, Any]:
+    from nnctl.explain import explain
+
+    return explain(cfg)
+
+
+TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task,
+                                                 "lr-find": lr_find_task, "explain": explain_task}
+PATCHING = ("eval", "explain")  # commands that rebuild a run from its checkpoint and patch data/trainer/eval
 
 
 def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -116,7 +170,8 @@ def _job(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         hc = HydraConfig.get()
         # resolve=False: an override such as x=${foo} must be reported by the task, not crash here
         overrides = OmegaConf.to_container(hc.overrides.task, resolve=False)
-        entry = {"num": hc.job.get("num"), "overrides": overrides, "dir": hc.runtime.output_dir}
+        entry = {"num": hc.job.get("num"), "overrides": overrides, "dir": hc.runtime.output_dir,
+                 "sweep_dir": hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None}
         JOBS.append(entry)
         if hc.mode == RunMode.MULTIRUN:  # jobs share one terminal: per-epoch lines instead of live bars
             if "progress" in cfg.get("trainer", {}):
@@ -159,7 +214,7 @@ def run(command: str, args: list[str]) -> int:
 
     version.setbase("1.3")
 
-    if command == "eval":
+    if command in PATCHING:
         args = _prepare_eval_args(args)
     sys.argv = ["nnctl", *args]
     parser = get_args_parser()
@@ -188,15 +243,24 @@ def run(command: str, args: list[str]) -> int:
     finally:
         if not full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
-    return _report_jobs()
+    return _report_jobs(command)
 
 
-def _report_jobs() -> int:
+def _report_jobs(command: str) -> int:
+    """After a sweep: the ranked summary (printed, and summary.csv/json in the sweep dir) and the failed jobs."""
     failed = [j for j in JOBS if j.get("status") == "failed"]
     if len(JOBS) > 1 or failed:
         from nnctl.reporting import console
 
         ok = len(JOBS) - len(failed)
+        sweep_dir = JOBS[0].get("sweep_dir")
+        if command == "train" and sweep_dir:
+            from nnctl.sweep_summary import report
+
+            report(Path(sweep_dir), [Path(j["dir"]) for j in JOBS])  # lists the failed jobs with the others
+            console.print(f"sweep: {ok} of {len(JOBS)} job(s) finished; summary.csv and summary.json in {sweep_dir}",
+                          markup=False)
+            return 1 if failed else 0
         console.print(f"sweep: {ok} of {len(JOBS)} job(s) finished" + (f", {len(failed)} failed:" if failed else ""))
         for j in failed:
             console.print(f"  job {j['num']} ({' '.join(j['overrides'])}): {j['error']}  [{j['dir']}/error.txt]",

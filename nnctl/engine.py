@@ -76,6 +76,7 @@ class Engine:
         self.sums = Averages()
         self.optim: Optimization | None = None
         self.signals = SignalFlag()
+        self.epoch_hooks: list[Any] = []  # called as hook(engine, metrics) after each epoch's checkpoint
 
     @property
     def eval_net(self) -> nn.Module:
@@ -198,6 +199,8 @@ class Engine:
                 stage = {"stage": self.stage.index} if self.stage else {}
                 tb.scalars({**metrics, **self.history["throughput"], **stage}, self.step)
                 run_state.save_epoch(self, metrics)
+                for hook in self.epoch_hooks:  # e.g. a tuning trial reporting its metric (may stop the run)
+                    hook(self, metrics)
                 where = f" (stage {self.stage.name})" if self.stage else ""
                 log.info("epoch %d%s: %s", self.epoch, where, brief(metrics))
                 console.print(f"epoch {self.epoch}{where}: {brief(metrics)}")

@@ -38,3 +38,13 @@ class Interrupted(KeyboardInterrupt):
         saved = f"saved {checkpoint}" if checkpoint else "checkpoints are off, nothing saved"
         super().__init__(f"stopped by {signal.Signals(signum).name}; {saved}; continue with: "
                          f"nnctl train resume={run_dir}")
+
+
+class TrialPruned(Exception):
+    """Raised by an epoch hook to stop a search trial whose metric is not promising (`nnctl tune`'s pruner).
+
+    The run stops after the epoch's checkpoints were written; the tuner records the trial as pruned."""
+
+    def __init__(self, epoch: int, value: float) -> None:
+        self.epoch, self.value = epoch, value
+        super().__init__(f"pruned after epoch {epoch} (metric {value:.4g})")

@@ -85,6 +85,16 @@ def _tta_modes() -> str:
     return f"one of {', '.join(TTA_MODES)} (true/false mean flip/none)"
 
 
+def _tune_names(registry: str) -> list[str]:
+    from nnctl import tune
+
+    return list(getattr(tune, registry))
+
+
+def _tune_choices(registry: str) -> str:
+    return "one of " + ", ".join(_tune_names(registry))
+
+
 INT, NUM, BOOL, STR = (int,), (int, float), (bool,), (str,)
 LIST, DICT = (list, tuple, ListConfig), (dict, DictConfig)
 MAPPING = "a mapping of keys (to pick an option of the group, write {group}=<option>)"
@@ -190,8 +200,30 @@ RULES: list[Rule] = [
     Rule("trainer.checkpoint.save_top_k", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("trainer.checkpoint.save_last", BOOL, None, "true or false"),
     Rule("trainer.checkpoint.every_n_epochs", INT, lambda v: v >= 1, "an integer >= 1"),
+    # -- search (nnctl tune) ---------------------------------------------------------------------------------------
+    Rule("search.metric", STR, _metric, "a metric name such as val/acc or val/loss"),
+    Rule("search.direction", STR, lambda v: v in ("maximize", "minimize"), "maximize or minimize"),
+    Rule("search.sampler", STR, lambda v: v in _tune_names("SAMPLERS"), lambda: _tune_choices("SAMPLERS")),
+    Rule("search.pruner", STR, lambda v: v in _tune_names("PRUNERS"), lambda: _tune_choices("PRUNERS")),
+    Rule("search.n_trials", INT, lambda v: v >= 1, "an integer >= 1, e.g. search.n_trials=20"),
+    Rule("search.timeout", NUM, _positive, "a number of seconds > 0, or null", nullable=True),
+    Rule("search.seed", INT, lambda v: v >= 0, "an integer >= 0"),
+    Rule("search.startup_trials", INT, lambda v: v >= 0, "an integer >= 0"),
+    Rule("search.warmup_epochs", INT, lambda v: v >= 0, "an integer >= 0"),
+    Rule("search.params", DICT, None, "a mapping of config keys to ranges, e.g. {optimizer.lr: {type: float, "
+                                      "low: 1e-4, high: 0.1, log: true}}"),
+    Rule("search.enqueue", LIST, None, "a list of mappings, e.g. [{optimizer.lr: 0.003}]"),
+    Rule("search.overrides", LIST, None, "a list of overrides, e.g. [experiment=fashion_mnist_fast]"),
+    # -- lr-find --------------------------------------------------------------------------------------------------
+    Rule("lr_find.start_lr", NUM, _positive, "a number > 0, e.g. lr_find.start_lr=1e-7"),
+    Rule("lr_find.end_lr", NUM, _positive, "a number > 0, e.g. lr_find.end_lr=10"),
+    Rule("lr_find.num_steps", INT, lambda v: v >= 10, "an integer >= 10, e.g. lr_find.num_steps=100"),
+    # -- explain --------------------------------------------------------------------------------------------------
+    Rule("num_images", INT, lambda v: v >= 1, "an integer >= 1, e.g. num_images=16"),
+    Rule("layer", STR, None, "a module name such as blocks.1.0, or null for the last Conv2d", nullable=True),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
+    Rule("eval.worst_k", INT, lambda v: v >= 0, "an integer >= 0 (0 = no worst_k.png)"),
 ]
 
 

@@ -22,7 +22,7 @@ from nnctl.metrics import Averages
 from nnctl.validate import validate
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-SPECIAL = {"hydra"}  # Hydra's own settings, not a user-facing choice
+SPECIAL = {"hydra", "search"}  # Hydra's own settings; search spaces belong to nnctl tune (tests/test_insight.py)
 
 
 def groups() -> dict[str, list[str]]:

@@ -193,6 +193,30 @@ CASES = [
          r"paths\.output_dir: cannot create .*afile/outputs.*; set paths\.output_dir .* to a writable directory"),
     case("output-dir-not-writable-sweep", ["train", "-m", "paths.output_dir={files}/afile/outputs",
                                            "trainer.max_epochs=1,2"], r"paths\.output_dir: cannot create"),
+    # -- tune, lr-find, explain, summary -------------------------------------------------------------------------------
+    case("tune-unknown-key", ["tune", "~search.params", "+search.params={{optimizer.lrr: {{type: float, "
+                                                        "low: 0.001, high: 0.1}}}}"],
+         r"search\.params\.optimizer\.lrr: not a key of the trial config \(did you mean 'optimizer\.lr'\?\)"),
+    case("tune-empty-range", ["tune", "search.params={{optimizer.lr: {{low: 0.1, high: 0.01}}}}"],
+         r"search\.params\.optimizer\.lr: empty range: low=0\.1 is not below high=0\.01"),
+    case("tune-log-range-at-zero", ["tune", "search.params={{optimizer.lr: {{low: 0.0}}}}"],
+         r"search\.params\.optimizer\.lr: a log range needs low > 0"),
+    case("tune-metric-not-produced", ["tune", "search.metric=val/f1"],
+         r"search\.metric: 'val/f1' is not a metric this run produces; choose one of .*val/acc"),
+    case("tune-unknown-pruner", ["tune", "search.pruner=hyperband"],
+         r"search\.pruner: got 'hyperband'; expected one of median, successive_halving, none"),
+    case("lr-find-too-few-steps", ["lr-find", "lr_find.num_steps=2"], r"lr_find\.num_steps: got 2; expected an "
+                                                                      r"integer >= 10"),
+    case("explain-unknown-method", ["explain", "ckpt={run}", "method=gradcams"],
+         r"method: unknown method 'gradcams' \(did you mean 'gradcam'\?\); choose one of gradcam, "),
+    case("explain-gradcam-without-conv", ["explain", "ckpt={run}", "method=gradcam"],
+         r"method: gradcam needs a Conv2d layer and this MLP has none; use method=saliency"),
+    case("explain-not-a-classifier", ["explain", "ckpt={files}/regression.pt", "method=saliency"],
+         r"ckpt: .*regression\.pt was trained with objective nnctl\.objectives\.Regression, not an image classifier"),
+    case("eval-worst-k-negative", ["eval", "ckpt={run}", "eval.worst_k=-1"],
+         r"eval\.worst_k: got -1; expected an integer >= 0"),
+    case("summary-not-a-dir", ["summary", "{tmp}/nowhere"], r"SWEEP_DIR: .*nowhere is not a directory"),
+    case("summary-no-jobs", ["summary", "{files}/emptydir"], r"SWEEP_DIR: .*emptydir holds no job dirs"),
     case("unknown-command", ["trian"], r"^nnctl: unknown command 'trian' \(did you mean 'train'\?\)"),
     # -- engine contract and curriculum stages -----------------------------------------------------------------
     case("stages-unknown-key", ["train", *TINY, "stages=[{{name: a, epochs: 1, overrides: {{data.batchsize: 8}}}}]"],
@@ -245,6 +269,9 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg = OmegaConf.create(state[ck.CONFIG])
     cfg.model.hidden_sizes = [32]  # the stored config now describes a model the stored weights do not fit
     ck.save_checkpoint({**state, ck.CONFIG: OmegaConf.to_yaml(cfg)}, files / "mismatch.pt")
+    cfg = OmegaConf.create(state[ck.CONFIG])
+    cfg.objective._target_ = "nnctl.objectives.Regression"  # a run of an objective that is not a classifier
+    ck.save_checkpoint({**state, ck.CONFIG: OmegaConf.to_yaml(cfg)}, files / "regression.pt")
     (files / "emptydir").mkdir()
     (files / "empty_root").mkdir()
     (files / "no_classes").mkdir()
@@ -264,7 +291,8 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], code: int, pattern: s
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{err}"
-    assert lines[0].startswith(("nnctl train: error: ", "nnctl eval: error: ", "nnctl: ")), lines[0]
+    assert lines[0].startswith(tuple(f"nnctl {c}: error: " for c in ("train", "eval", "tune", "lr-find", "explain",
+                                                                      "summary")) + ("nnctl: ",)), lines[0]
     assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
     assert not (crafted["files"] / "pwned").exists(), "a malicious pickle ran code"
     # what existed before (the finished run, its checkpoints, the crafted files) is byte-identical
