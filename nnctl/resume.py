@@ -115,7 +115,7 @@ def continuation(cfg: DictConfig, state: dict[str, Any]) -> str:
         return "done"
     finished = epoch >= stored.max_epochs or bool(stored.max_steps and step >= stored.max_steps)
     changed = any(stored.get(k) != t.get(k) for k in LENGTH)
-    schedule = cfg.scheduler.get("_target_", "").rpartition(".")[2] or "scheduler"
+    schedule = cfg.scheduler._target_.rpartition(".")[2]
     if not changed or not getattr(get_class(cfg.scheduler._target_), "length_bound", True):
         return "exact"  # same length, or a schedule that continues the same curve over any length
     if t.get("extend_schedule", False):
