@@ -77,7 +77,7 @@ def load_for_eval(cfg: DictConfig, classifier: bool = False) -> tuple[Any, dict[
     from hydra.core.hydra_config import HydraConfig
 
     from nnctl import checkpoint as ck
-    from nnctl.confusion import CLASSIFIERS, is_classifier
+    from nnctl.confusion import is_classifier
     from nnctl.engine import Engine
     from nnctl.validate import validate
 
@@ -87,10 +87,6 @@ def load_for_eval(cfg: DictConfig, classifier: bool = False) -> tuple[Any, dict[
     path = ck.resolve_checkpoint(cfg.ckpt, prefer=ck.BEST)
     state = ck.load_checkpoint(path)
     stored = OmegaConf.create(state[ck.CONFIG])
-    if classifier and not is_classifier(stored):
-        raise UserError(f"{path} was trained with objective {stored.objective.get('_target_')}, not an image "
-                        f"classifier ({', '.join(CLASSIFIERS)}); pass the checkpoint of a classification run",
-                        key="ckpt")
     patch = {k: OmegaConf.to_container(cfg[k]) for k in EVAL_PATCHABLE if k in cfg and cfg[k]}
     patch.get("eval", {}).pop("tta", None) if cfg.eval.tta is None else None
     for key in EVAL_ONLY:  # settings of this command, not of the stored run
@@ -99,6 +95,10 @@ def load_for_eval(cfg: DictConfig, classifier: bool = False) -> tuple[Any, dict[
     validate(run_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     engine = Engine(run_cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]))
+    if classifier and not is_classifier(engine):
+        raise UserError(f"{path} is not an image classifier's checkpoint (its objective is "
+                        f"{type(engine.objective).__name__} on {engine.spec.get('input')} input); pass the checkpoint "
+                        "of an image classification run", key="ckpt")
     engine.load_state_dict(state, full=False)
     return engine, state, path, run_dir
 
@@ -114,7 +114,7 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
     print_metrics(f"nnctl eval: {path}", {cfg.split: result[cfg.split]})
     from nnctl.confusion import analyze, is_classifier, print_per_class
 
-    if is_classifier(engine.cfg):  # confusion matrix, per-class table, most confidently wrong images
+    if is_classifier(engine):  # confusion matrix, per-class table, most confidently wrong images
         result.update(analyze(engine, cfg.split, engine.cfg.eval.tta, cfg.eval.worst_k, run_dir))
         print_per_class(result["per_class"], f"{cfg.split}: per class")
         shown = "confusion_matrix.png" + (", worst_k.png" if "worst" in result else "")

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
-CLASSIFIERS = ("nnctl.objectives.Classification",)  # objective targets whose model outputs class logits
+def is_classifier(engine: Any) -> bool:
+    """Whether the engine trains an image classifier (its model maps image batches to class logits)."""
+    from nnctl.objectives import Classification
 
-
-def is_classifier(cfg: Any) -> bool:
-    return cfg.objective.get("_target_") in CLASSIFIERS
+    return isinstance(engine.objective, Classification) and engine.spec.get("input") == "image"
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from nnctl.errors import Interrupted, TrialPruned, UserError
+from nnctl.errors import TrialPruned, UserError
 from nnctl.sweep_summary import PRUNED_FILE
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ def run_trial(trial: Any, search: DictConfig, fixed: list[str], space: dict[str,
         trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log.info("trial %d %s", trial.number, exc)
         return
-    except Interrupted:
+    except KeyboardInterrupt:  # Interrupted (last.pt saved), or a signal that came before training started
         trial.set_user_attr("interrupted", True)
         trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         trial.study.enqueue_trial(params)  # the continued study runs this point again
