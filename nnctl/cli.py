@@ -11,6 +11,7 @@ COMMANDS = {
     "lr-find": "learning-rate range test: nnctl lr-find [group=option ...] [key=value ...]",
     "explain": "attribution maps: nnctl explain ckpt=PATH method=gradcam|integrated_gradients|saliency|occlusion",
     "summary": "ranked table of a sweep or tune study: nnctl summary SWEEP_DIR",
+    "sample": "draw images from a generative checkpoint: nnctl sample ckpt=PATH [num_samples=64] [out=grid.png]",
 }
 PLAIN = {"summary": "nnctl.sweep_summary"}  # commands that are not Hydra apps: module with main(args) -> int
 

@@ -26,7 +26,7 @@ def _default_config_dir() -> Path:
 CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR") or _default_config_dir())
 GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer")
 EVAL_PATCHABLE = ("data", "trainer", "eval")
-EVAL_ONLY = ("worst_k",)  # eval.* keys of the eval/explain commands themselves, never patched onto a run
+EVAL_ONLY = ("worst_k", "feature_ckpt", "quality_samples")  # eval.* keys of eval/explain itself, not of the run
 
 log = logging.getLogger(__name__)
 JOBS: list[dict[str, Any]] = []  # one entry per job of this process (multirun summary)
@@ -109,6 +109,10 @@ def eval_task(cfg: DictConfig) -> dict[str, Any]:
 
     engine, state, path, run_dir = load_for_eval(cfg)
     metrics = engine.evaluate(cfg.split)
+    if cfg.eval.get("feature_ckpt"):
+        from nnctl.sample import quality
+
+        metrics.update({f"{cfg.split}/{k}": v for k, v in quality(engine, cfg.eval).items()})
     result = {cfg.split: {k.split("/", 1)[1]: v for k, v in metrics.items()}, "checkpoint": str(path),
               "epoch": state[ck.EPOCH], "global_step": state[ck.STEP]}
     print_metrics(f"nnctl eval: {path}", {cfg.split: result[cfg.split]})
@@ -155,8 +159,15 @@ def explain_task(cfg: DictConfig) -> dict[str, Any]:
     return explain(cfg)
 
 
+def sample_task(cfg: DictConfig) -> dict[str, Any]:
+    from nnctl.sample import sample
+
+    return sample(cfg)
+
+
 TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task,
-                                                 "lr-find": lr_find_task, "explain": explain_task}
+                                                 "lr-find": lr_find_task, "explain": explain_task,
+                                                 "sample": sample_task}
 PATCHING = ("eval", "explain")  # commands that rebuild a run from its checkpoint and patch data/trainer/eval
 
 

@@ -66,7 +66,8 @@ class Engine:
             self.data.memory_format = torch.channels_last
         self.model = torch.compile(self.net) if t.compile else self.net  # what runs forward passes
         self.ema = EMA(self.net, t.ema.decay) if t.ema.enabled else None
-        self.objective = complete(instantiate(cfg.objective), self.spec, "objective")
+        # the model is offered too: objective=auto follows a model that names its objective (generative models)
+        self.objective = complete(instantiate(cfg.objective), self.spec, "objective", model=net)
         self.scaler = self.precision.grad_scaler(self.device)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode, key="trainer.checkpoint.monitor")

@@ -46,6 +46,8 @@ class Normalize:
     """uint8 [B, C, H, W] -> float, standardized per channel with the training set's statistics."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        # plain floats too: generative models map their [0, 1] pixels to and from this normalization
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
         self.shift = (-mean / std).view(1, -1, 1, 1)
 

@@ -132,7 +132,7 @@ class ImageData:
     def spec(self) -> dict:
         """What models and objectives are completed with (see nnctl.spec)."""
         return {"input": "image", "target": "class", "in_shape": self.in_shape, "num_classes": self.num_classes,
-                "classes": list(self.classes)}
+                "classes": list(self.classes), "pixel_mean": self.normalize.mean, "pixel_std": self.normalize.std}
 
     def num_batches(self, split: str) -> int:
         n = len(self.splits[split][1])

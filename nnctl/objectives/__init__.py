@@ -4,7 +4,9 @@ An objective turns (model, batch) into a loss and per-batch sums, and adds evalu
 The engine only calls `training_steps`, `count` and `eval_update` (and `optimizer_groups` once), so regression,
 language modelling or generative objectives plug in with their own class and `objective/<name>.yaml`.
 
-`objective=auto` (the default) picks the objective from what the data says its target is (`spec["target"]`).
+`objective=auto` (the default) picks the objective a model names (its class attribute `objective`, e.g. a GAN's
+"gan": generative models train on labelled image data whatever its target), else the one for the data's target
+kind (`spec["target"]`).
 """
 from __future__ import annotations
 
@@ -62,17 +64,23 @@ class Objective:
         (`tb.text(tag, text, step)`, `tb.image(tag, image [C, H, W] in [0, 1], step)`). Nothing by default."""
 
 
-# spec["target"] -> the objective class that trains for it ("module:Class", imported on use)
+# spec["target"] (or a model's `objective` name) -> the objective class that trains it ("module:Class", imported
+# on use)
 OBJECTIVES: dict[str, str] = {
     "class": "nnctl.objectives.classification:Classification",
+    "gan": "nnctl.objectives.generative:GANObjective",
+    "vae": "nnctl.objectives.generative:VAEObjective",
+    "diffusion": "nnctl.objectives.generative:DiffusionObjective",
 }
 
 
-def auto(target: str, **options: Any) -> Objective:
-    """The objective registered for the data's target kind, completed with the options and spec entries its
-    constructor accepts (e.g. label_smoothing only reaches classifiers)."""
+def auto(target: str, model: nn.Module | None = None, **options: Any) -> Objective:
+    """The objective the model names (`model.objective`), else the one registered for the data's target kind,
+    completed with the options and spec entries its constructor accepts (e.g. label_smoothing only reaches
+    classifiers)."""
     from nnctl.spec import complete
 
+    target = getattr(model, "objective", None) or target
     if target not in OBJECTIVES:
         raise UserError(f"no objective trains a {target!r} target; registered: {', '.join(OBJECTIVES)}",
                         key="objective")
