@@ -87,7 +87,9 @@ def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, ta
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from nnctl.reporting import TensorBoard, console, epoch_progress
+    from nnctl.loggers.base import RunInfo
+    from nnctl.loggers.tensorboard import TensorBoardLogger
+    from nnctl.reporting import console, epoch_progress
 
     parser = base_parser(__doc__)
     parser.add_argument("--case", default="mlp", choices=["mlp", "cnn"])
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             b = copy.deepcopy(bare)  # own model, optimizer and schedule; same initial weights
             states.append({"model": b.model, "opt": b.opt, "sched": b.sched, "bare": b,
                            "train_batches": engine.data.train_batches})  # the engine's own, before instrument()
-        tb = TensorBoard(Path(run_dir) / "ladder-tb")
+        tb = TensorBoardLogger(RunInfo(Path(run_dir), "ladder"), dir="ladder-tb")
         pairs: list[dict[str, float]] = []
 
         class Ladder:  # runs every rung once per engine epoch, in rotating order, next to the engine's epoch

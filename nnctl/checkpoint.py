@@ -35,6 +35,8 @@ METRICS = "metrics"             # metrics at save time
 RNG = "rng"
 EXTRA = "extra"                 # state of optional components (e.g. EMA weights)
 DATA = "data_state"             # what the data module built and the model depends on (e.g. a tokenizer)
+LOGGERS = "loggers"             # experiment-tracker runs to continue on resume (MLflow / W&B run ids), by logger
+BASE = "base"                   # adapter runs: what identifies the frozen base (init_from path + sha256, fingerprint)
 
 BEST, LAST = "best.pt", "last.pt"
 

@@ -12,6 +12,7 @@ COMMANDS = {
     "explain": "attribution maps: nnctl explain ckpt=PATH method=gradcam|integrated_gradients|saliency|occlusion",
     "summary": "ranked table of a sweep or tune study: nnctl summary SWEEP_DIR",
     "sample": "draw images from a generative checkpoint: nnctl sample ckpt=PATH [num_samples=64] [out=grid.png]",
+    "export": "export a checkpoint's model: nnctl export ckpt=PATH out=DIR [merge=false]",
 }
 PLAIN = {"summary": "nnctl.sweep_summary"}  # commands that are not Hydra apps: module with main(args) -> int
 

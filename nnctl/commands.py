@@ -24,7 +24,7 @@ def _default_config_dir() -> Path:
 
 # NNCTL_CONFIG_DIR replaces the built-in configs; Hydra's --config-dir adds a dir of your own to the search path.
 CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR") or _default_config_dir())
-GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer")
+GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer", "logger")
 EVAL_PATCHABLE = ("data", "trainer", "eval")
 EVAL_ONLY = ("worst_k", "feature_ckpt", "quality_samples")  # eval.* keys of eval/explain itself, not of the run
 
@@ -92,6 +92,8 @@ def load_for_eval(cfg: DictConfig, classifier: bool = False) -> tuple[Any, dict[
     for key in EVAL_ONLY:  # settings of this command, not of the stored run
         patch.get("eval", {}).pop(key, None)
     run_cfg = merge_strict(stored, patch)
+    if ck.BASE not in state and "init_from" in run_cfg:
+        run_cfg.init_from = None  # the checkpoint holds every weight: the starting checkpoint is not needed
     validate(run_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     engine = Engine(run_cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]))
@@ -135,6 +137,14 @@ def merge_strict(base: DictConfig, patch: dict[str, Any]) -> DictConfig:
     return OmegaConf.merge(base, patch)
 
 
+def export_task(cfg: DictConfig) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    from nnctl.export import export
+
+    return export(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
 def tune_task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -167,7 +177,7 @@ def sample_task(cfg: DictConfig) -> dict[str, Any]:
 
 TASKS: dict[str, Callable[[DictConfig], Any]] = {"train": train_task, "eval": eval_task, "tune": tune_task,
                                                  "lr-find": lr_find_task, "explain": explain_task,
-                                                 "sample": sample_task}
+                                                 "sample": sample_task, "export": export_task}
 PATCHING = ("eval", "explain")  # commands that rebuild a run from its checkpoint and patch data/trainer/eval
 
 
@@ -365,7 +375,7 @@ def _override_message(exc: Any) -> str:
 
 def _hydra_message(text: str, exc: BaseException, command: str | None = None,
                    args: list[str] | None = None) -> str:
-    m = re.search(r"Could not find '([^']*/[^'/]*)'", text)
+    m = re.search(r"Could not (?:find|load) '([^']*/[^'/]*)'", text)  # load: an option in a list, logger=[a,b]
     if m:
         group, option = m.group(1).rsplit("/", 1)
         options = _options(group)

@@ -7,7 +7,6 @@ saved to run_state, how progress is shown to step_log, so the loop stays the sam
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -22,11 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from nnctl import checkpoint as ck
 from nnctl import run_state
 from nnctl.ema import EMA
+from nnctl.finetune import starting_point
 from nnctl.errors import Interrupted, UserError
 from nnctl.interrupts import SignalFlag
 from nnctl.metrics import Averages
 from nnctl.optimization import Optimization, param_groups  # noqa: F401  (param_groups: public via the engine)
-from nnctl.reporting import TensorBoard, console, epoch_progress, print_metrics, write_json
+from nnctl.loggers import Loggers, build_loggers, flat_params
+from nnctl.reporting import console, epoch_progress, print_metrics, write_json
 from nnctl.run_state import Tracker  # noqa: F401  (public via the engine)
 from nnctl.runtime import pick_device, seed_everything
 from nnctl.spec import complete, to_device
@@ -56,6 +57,7 @@ class Engine:
         net = complete(instantiate(cfg.model), self.spec, "model")
         if hasattr(net, "init_from_data"):  # data-dependent initialization (e.g. patch whitening)
             net.to(self.device).init_from_data(self.data.sample_images(t.init_samples))
+        net, self.base = starting_point(cfg, net)  # init_from weights, finetune.freeze / lr_mult
         self.net: nn.Module = instantiate(cfg.adapter)(net).to(self.device)  # the module whose weights we save
         if t.grad_checkpointing:
             from nnctl.models import checkpoint_blocks
@@ -68,6 +70,8 @@ class Engine:
         self.ema = EMA(self.net, t.ema.decay) if t.ema.enabled else None
         # the model is offered too: objective=auto follows a model that names its objective (generative models)
         self.objective = complete(instantiate(cfg.objective), self.spec, "objective", model=net)
+        self._resolve_monitor()
+        t = self.t
         self.scaler = self.precision.grad_scaler(self.device)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode, key="trainer.checkpoint.monitor")
@@ -78,6 +82,22 @@ class Engine:
         self.optim: Optimization | None = None
         self.signals = SignalFlag()
         self.epoch_hooks: list[Any] = []  # called as hook(engine, metrics) after each epoch's checkpoint
+        self.loggers: Loggers | None = None  # the experiment trackers, while fit runs
+        self.logger_state: dict[str, Any] = {}  # their run ids from a checkpoint, to continue the same runs
+
+    def _resolve_monitor(self) -> None:
+        """trainer.checkpoint.monitor/mode `auto` become the objective's (val/acc for classifiers, val/loss
+        otherwise), in every config this run uses, before anything (a plateau schedule) interpolates them."""
+        checkpoint = self.cfg.trainer.checkpoint
+        if "auto" not in (checkpoint.monitor, checkpoint.mode):
+            return
+        metric, mode = self.objective.monitor
+        chosen = {"monitor": metric if checkpoint.monitor == "auto" else checkpoint.monitor,
+                  "mode": mode if checkpoint.mode == "auto" else checkpoint.mode}
+        for cfg in {id(c): c for c in (self.stored_cfg, self.cfg, *(s.cfg for s in self.stages or ()))}.values():
+            for key, value in chosen.items():
+                OmegaConf.update(cfg, f"trainer.checkpoint.{key}", value)
+        self.t = _Settings(OmegaConf.to_container(self.cfg.trainer, resolve=True), "trainer.")
 
     @property
     def eval_net(self) -> nn.Module:
@@ -149,13 +169,16 @@ class Engine:
         t = self.t
         if self.optim is None:
             self.configure_optimization()
-        tb = TensorBoard(self.run_dir / "tensorboard")
-        tb.config(self.stored_cfg)
+        self.loggers = loggers = build_loggers(self.stored_cfg, self.run_dir, self.logger_state)
         max_steps = (t.max_steps or math.inf) if self.stages else self.total_steps()
-        started, done = time.perf_counter(), self.step >= max_steps
+        done = self.step >= max_steps
         if self.stage and self.stages.at(self.epoch) is self.stage:
             console.print(f"stage {self.stage.index + 1}/{len(self.stages)}: {self.stage.name}")
-        with self.signals, contextlib.closing(tb):
+        with self.signals, loggers:  # leaving it closes every tracker: finished, failed or killed
+            loggers.config(self.stored_cfg)
+            if hasattr(self.data, "sample_images"):  # what the model sees, once per run
+                loggers.images("train/samples", self.data.sample_images(16), self.step)
+            started = time.perf_counter()
             while self.epoch < t.max_epochs and not done:
                 if self.stages and self.stages.at(self.epoch) is not self.stage:
                     self._enter_stage(self.stages.at(self.epoch))
@@ -180,7 +203,7 @@ class Engine:
                             self.ema.update(self.net)
                         # periodic logging: the only place the loop waits for the device
                         if self.step % t.log_every_n_steps == 0:
-                            log_step(tb, bar, task, window, self.sums, self.optimizer, self.optim.params,
+                            log_step(loggers, bar, task, window, self.sums, self.optimizer, self.optim.params,
                                      grad_norm, self.step, self.batch_in_epoch)
                         # a pending SIGINT/SIGTERM ends the run here, between two steps, with last.pt saved
                         if self.signals.received is not None:
@@ -194,11 +217,12 @@ class Engine:
                 train = self._means(self.sums, "train")  # waits for the device: the throughput below is exact
                 self.history["throughput"] = {"train/samples_per_s": epoch_window.rate(self.step)}
                 metrics = {**train, **self.evaluate("val")}
-                self.objective.after_validation(self.eval_net, self.data, self.epoch, self.run_dir, tb, self.step)
+                self.objective.after_validation(self.eval_net, self.data, self.epoch, self.run_dir, loggers,
+                                                 self.step)
                 self.sums = Averages()
                 self.optim.after_epoch(metrics)
                 stage = {"stage": self.stage.index} if self.stage else {}
-                tb.scalars({**metrics, **self.history["throughput"], **stage}, self.step)
+                loggers.scalars({**metrics, **self.history["throughput"], **stage}, self.step)
                 run_state.save_epoch(self, metrics)
                 for hook in self.epoch_hooks:  # e.g. a tuning trial reporting its metric (may stop the run)
                     hook(self, metrics)
@@ -212,7 +236,7 @@ class Engine:
                     break
                 if self.signals.received is not None:
                     self._interrupt()
-            return self._finish(tb, time.perf_counter() - started)
+            return self._finish(loggers, time.perf_counter() - started)
 
     def _train_batch(self, batch: Any, accum: int, stepping: bool) -> torch.Tensor | None:
         """Run the objective's updates for one batch; add its sums to the epoch's running averages (on the
@@ -280,21 +304,25 @@ class Engine:
         run_state.load_state_dict(self, state, full)
 
     # -- end of run -----------------------------------------------------------------------------------------------
-    def _finish(self, tb: TensorBoard, seconds: float) -> dict[str, Any]:
+    def _finish(self, loggers: Loggers, seconds: float) -> dict[str, Any]:
         best_path = self.run_dir / "checkpoints" / ck.BEST
         if best_path.is_file():  # test with the best weights, exactly as `nnctl eval` will load them
             self.load_state_dict(ck.load_checkpoint(best_path, self.device), full=False)
         test = self.evaluate("test")
-        tb.scalars(test, self.step)
+        loggers.scalars(test, self.step)
         last, best = self.history.get("last", {}), self.history.get("best", self.history.get("last", {}))
         rows = {"train": split(last, "train"), "val (best)": split(best, "val"), "test": split(test, "test")}
         result = {"train": rows["train"], "val": rows["val (best)"], "test": rows["test"],
                   "best_epoch": best.get("epoch"), "epochs": self.epoch, "global_step": self.step,
                   "train_seconds": round(seconds, 2), **self.history.get("throughput", {}),
+                  "monitor": self.best.monitor, "mode": self.t.checkpoint.mode,
                   "checkpoint": str(best_path) if best_path.is_file() else None}
         if self.stages:
             result["stages"] = self.history.get("stages", {})
-        tb.hparams(self.stored_cfg, {f"{s}/{k}": v for s in ("val", "test") for k, v in result[s].items()})
+        final = {f"{s}/{k}": v for s in ("val", "test") for k, v in result[s].items()}
+        loggers.hparams(flat_params(self.stored_cfg), final)
+        if best_path.is_file():
+            loggers.artifact(best_path)
         write_json(self.run_dir / "metrics.json", result)
         print_metrics(f"nnctl train: {self.epoch} epoch(s), {self.step} steps, {seconds:.1f}s", rows)
         console.print(f"run dir: {self.run_dir}")

@@ -22,16 +22,25 @@ from nnctl.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def param_groups(params: Any, weight_decay: float, decay_norm_bias: bool) -> list[dict[str, Any]]:
+def param_groups(params: Any, weight_decay: float, decay_norm_bias: bool,
+                 lr: float | None = None) -> list[dict[str, Any]]:
     """Weight decay on weight matrices/kernels only; norm scales and biases (1-D tensors) are left undecayed.
 
-    `params` is a module or an iterable of parameters; frozen parameters are left out.
+    `params` is a module or an iterable of parameters; frozen parameters are left out. A parameter tagged with
+    `lr_mult` (finetune.lr_mult) goes into a group of its own whose `lr` is `lr * lr_mult`; schedules scale each
+    group's initial lr, so the ratio holds throughout.
     """
     params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
-    if decay_norm_bias:
-        return [{"params": params, "weight_decay": weight_decay}]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = []
+    for mult in sorted({getattr(p, "lr_mult", 1.0) for p in params}, reverse=True):
+        same = [p for p in params if getattr(p, "lr_mult", 1.0) == mult]
+        extra = {} if mult == 1.0 or lr is None else {"lr": lr * mult}
+        if decay_norm_bias:
+            groups.append({"params": same, "weight_decay": weight_decay, **extra})
+        else:
+            groups += [{"params": [p for p in same if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+                       {"params": [p for p in same if p.ndim < 2], "weight_decay": 0.0, **extra}]
+    return groups or [{"params": [], "weight_decay": weight_decay}]
 
 
 @contextlib.contextmanager
@@ -53,7 +62,8 @@ class Optimization:
         self.schedules: dict[str, Any] = {}
         for name, params in groups.items():
             build = instantiate(cfg.optimizer)  # a partial: parameters come from the model
-            split = param_groups(params, build.keywords.get("weight_decay", 0.0), trainer.decay_norm_bias)
+            split = param_groups(params, build.keywords.get("weight_decay", 0.0), trainer.decay_norm_bias,
+                                 build.keywords.get("lr"))
             if not any(g["params"] for g in split):
                 raise UserError(f"nothing to train in the {name!r} parameter group: every parameter is frozen; "
                                 "check the adapter / finetune.freeze settings", key="optimizer")

@@ -1,12 +1,11 @@
-"""What a run shows and writes: rich console output, TensorBoard scalars, metrics.json."""
+"""What a run shows and writes: rich console output and metrics.json (trackers live in nnctl.loggers)."""
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
@@ -85,55 +84,3 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-class TensorBoard:
-    """Scalars per split, the resolved config as text, and hparams with the final metrics."""
-
-    def __init__(self, log_dir: Path) -> None:
-        # imported here: they pull in tensorboard
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard import SummaryWriter
-        from torch.utils.tensorboard.summary import scalar
-
-        self.writer = SummaryWriter(str(log_dir))
-        self._summary, self._scalar = Summary, scalar
-
-    def scalars(self, metrics: dict[str, float], step: int) -> None:
-        """The finite values as one event: a third of the cost of an add_scalar per value (in the step loop)."""
-        values = [v for name, value in metrics.items() if isinstance(value, (int, float)) and math.isfinite(value)
-                  for v in self._scalar(name, value).value]
-        if values:
-            self.writer.file_writer.add_summary(self._summary(value=values), step)
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        self.writer.add_text(tag, text, step)
-
-    def image(self, tag: str, image: Any, step: int) -> None:
-        """One image [C, H, W], floats in [0, 1] (e.g. a sample grid)."""
-        self.writer.add_image(tag, image, step)
-
-    def config(self, cfg: DictConfig) -> None:
-        text = "\n".join("    " + line for line in OmegaConf.to_yaml(cfg).splitlines())  # markdown code block
-        self.writer.add_text("config", text, 0)
-
-    def hparams(self, cfg: DictConfig, final: dict[str, float]) -> None:
-        flat = dict(_flatten(OmegaConf.to_container(cfg, resolve=True)))
-        hparams = {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool)) and not k.startswith(
-            ("paths.", "hydra."))}
-        metrics = {f"hparam/{k}": v for k, v in final.items() if isinstance(v, float) and math.isfinite(v)}
-        self.writer.add_hparams(hparams, metrics, run_name=".")
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
-def _flatten(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    elif isinstance(tree, list):
-        yield prefix[:-1], str(tree)
-    else:
-        yield prefix[:-1], tree

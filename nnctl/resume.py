@@ -13,8 +13,8 @@ from nnctl.errors import UserError
 log = logging.getLogger(__name__)
 IDENTITY_GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter")
 # Keys a resumed run may change: how long and how it trains/logs, where files are, how data is read.
-RESUME_MAY_CHANGE = ("trainer.", "eval.", "paths.", "data.root", "data.num_workers", "data.eval_batch_size",
-                     "data.download")
+RESUME_MAY_CHANGE = ("trainer.", "eval.", "paths.", "logger.", "data.root", "data.num_workers",
+                     "data.eval_batch_size", "data.download")
 EXTEND = "trainer.extend_schedule"  # a decision for this resume only: never inherited from the stored config
 LENGTH = ("max_epochs", "max_steps")  # the trainer keys that set how long a run (and its schedule) is
 
@@ -71,6 +71,9 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], config_dir: Path) -
         if key == "resume" or key.startswith("hydra."):
             continue
         root = key.split(".", 1)[0]
+        if key == "logger":  # which trackers record the run may change; each continues its own run if it can
+            stored.logger = cfg.logger
+            continue
         if "." not in key or root in ("experiment", "debug"):  # a group choice: must not change what trains
             # experiment=/debug= can set any group; a group option must select what the checkpoint trained
             groups = IDENTITY_GROUPS if root in ("experiment", "debug") else (root,) if root in IDENTITY_GROUPS else ()
@@ -85,11 +88,13 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], config_dir: Path) -
         if old != new and not key.startswith(RESUME_MAY_CHANGE):
             # The restored optimizer/scheduler/data-order state would silently override such a change.
             raise UserError(f"{key} differs from the checkpoint's ({old!r} -> {new!r}) and cannot change on "
-                            "resume; resume may change trainer.*, eval.*, paths.* and data.root/num_workers/"
-                            "eval_batch_size. Start a new run instead", key="resume")
+                            "resume; resume may change trainer.*, eval.*, paths.*, logger.* and "
+                            "data.root/num_workers/eval_batch_size. Start a new run instead", key="resume")
         if old != new and key != EXTEND:
             log.warning("resuming with %s changed: %r -> %r", key, old, new)
         OmegaConf.update(stored, key, new, force_add=True)
+    if "logger" not in stored:  # a checkpoint from before the logger group: today's default trackers
+        stored.logger = cfg.logger
     stored.resume = str(path)
     run_dir = path.parent.parent
     log.info("resuming %s at epoch %d, step %d", run_dir, state[ck.EPOCH], state[ck.STEP])

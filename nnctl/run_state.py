@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch.nn as nn
 from omegaconf import OmegaConf
 
+from nnctl import adapters
 from nnctl import checkpoint as ck
 from nnctl.errors import UserError
 from nnctl.metrics import Averages
@@ -47,7 +48,7 @@ def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
     optimizers, schedules = engine.optim.state_dict() if engine.optim else ({}, {})
     state = {
         ck.CONFIG: OmegaConf.to_yaml(engine.stored_cfg, resolve=True),
-        ck.MODEL: engine.eval_net.state_dict(),
+        ck.MODEL: adapters.model_state(engine.net, engine.eval_net),  # adapter runs: only what trained
         ck.OPTIMIZER: optimizers,
         ck.SCHEDULER: schedules,
         ck.SCALER: engine.scaler.state_dict(),
@@ -56,16 +57,28 @@ def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
                       "history": engine.history, "epoch_sums": engine.sums.state_dict()},
         ck.METRICS: metrics,
         ck.RNG: ck.rng_state(),
-        ck.EXTRA: {"train_model": engine.net.state_dict(), "ema_updates": engine.ema.updates}
+        ck.EXTRA: {"train_model": adapters.model_state(engine.net, engine.net), "ema_updates": engine.ema.updates}
         if engine.ema is not None else {},
+        ck.LOGGERS: engine.loggers.state() if engine.loggers is not None else engine.logger_state,
     }
     if hasattr(engine.data, "state_dict"):  # e.g. a tokenizer built from the training text
         state[ck.DATA] = engine.data.state_dict()
+    if adapters.is_adapted(engine.net):  # the weights above need this base to mean anything
+        state[ck.BASE] = base_reference(engine)
     return state
+
+
+def base_reference(engine: "Engine") -> dict[str, str]:
+    """The starting checkpoint (path, sha256) and the fingerprint of the frozen base weights."""
+    return {**engine.base, **adapters.base_reference(engine.net)}
 
 
 def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None:
     """Load the evaluation weights; with `full`, everything needed to continue training exactly."""
+    if ck.BASE in state:
+        from nnctl.finetune import check_base
+
+        check_base(state[ck.BASE], base_reference(engine))
     load_weights(engine.eval_net, state[ck.MODEL])
     if not full:
         return
@@ -85,6 +98,7 @@ def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None
     engine.history = trackers["history"]
     engine.sums = Averages(trackers["epoch_sums"])
     ck.set_rng_state(state[ck.RNG])
+    engine.logger_state = state.get(ck.LOGGERS, {})  # tracker runs to continue
 
 
 def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
@@ -104,12 +118,17 @@ def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
     state = state_dict(engine, metrics)
     if improved:
         ck.save_checkpoint(state, directory / ck.BEST)
+        if adapters.is_adapted(engine.eval_net):  # the same adapter weights in peft's own format, for plain peft
+            engine.eval_net.save_pretrained(directory / PEFT_DIR)
         if c.save_top_k:
             _keep_top_k(engine, state, metrics, directory, c.save_top_k)
     if c.save_last:
         ck.save_checkpoint(state, directory / ck.LAST)
     if boundary:  # the model as each stage left it
         ck.save_checkpoint(state, directory / f"stage{engine.stage.index + 1}-{engine.stage.name}.pt")
+
+
+PEFT_DIR = "best_peft"  # beside best.pt: adapter_model.safetensors + adapter_config.json
 
 
 def save_last(engine: "Engine") -> Path | None:
@@ -133,7 +152,7 @@ def _keep_top_k(engine: "Engine", state: dict[str, Any], metrics: dict[str, floa
 
 def load_weights(module: nn.Module, weights: dict[str, Any]) -> None:
     try:
-        module.load_state_dict(weights)
+        adapters.load_model_state(module, weights)
     except RuntimeError as exc:
         detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc)).rstrip(".")
         raise UserError(f"the checkpoint's weights do not fit the model built from this config ({detail[:200]}); "

@@ -82,7 +82,12 @@ def _mtime(path: Path) -> float:
 
 
 def _monitor_of(jobs: list[Path]) -> tuple[str, str]:
-    """trainer.checkpoint.monitor and mode as the jobs were configured (the first job that says)."""
+    """trainer.checkpoint.monitor and mode as the jobs resolved them (metrics.json) or were configured (the first
+    job that says)."""
+    for job in jobs:
+        metrics = _read_json(job / "metrics.json") or {}
+        if isinstance(metrics.get("monitor"), str) and metrics.get("mode") in ("min", "max"):
+            return metrics["monitor"], metrics["mode"]
     for job in jobs:
         cfg = _read_yaml(job / ".hydra" / "config.yaml") or {}
         ck = (cfg.get("trainer") or {}).get("checkpoint") or {}

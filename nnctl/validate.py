@@ -93,6 +93,16 @@ def _tune_names(registry: str) -> list[str]:
 
 def _tune_choices(registry: str) -> str:
     return "one of " + ", ".join(_tune_names(registry))
+def _wandb_mode(v: str) -> bool:
+    from nnctl.loggers.wandb import MODES
+
+    return v in MODES
+
+
+def _wandb_modes() -> str:
+    from nnctl.loggers.wandb import MODES
+
+    return "one of " + ", ".join(MODES)
 
 
 INT, NUM, BOOL, STR = (int,), (int, float), (bool,), (str,)
@@ -120,8 +130,8 @@ RULES: list[Rule] = [
     Rule("scheduler.gamma", NUM, _positive, "a number > 0 (< 1 decays the lr), e.g. scheduler.gamma=0.5"),
     Rule("scheduler.factor", NUM, _fraction_open, "a fraction strictly between 0 and 1, e.g. 0.5"),
     Rule("scheduler.patience", INT, lambda v: v >= 0, "an integer >= 0"),
-    Rule("scheduler.mode", STR, lambda v: v in ("min", "max"), "min or max"),
-    Rule("scheduler.monitor", STR, _metric, "a metric name such as val/loss or val/acc"),
+    Rule("scheduler.mode", STR, lambda v: v in ("min", "max", "auto"), "min or max"),
+    Rule("scheduler.monitor", STR, lambda v: v == "auto" or _metric(v), "a metric name such as val/loss or val/acc"),
     # -- data -----------------------------------------------------------------------------------------------------
     Rule("data.root", STR + INT, None, "a directory path, e.g. data.root=/path/to/data"),
     Rule("data.download", BOOL, None, "true or false"),
@@ -140,6 +150,8 @@ RULES: list[Rule] = [
     Rule("data.noise", NUM, lambda v: v >= 0, "a number >= 0"),
     Rule("data.in_memory", BOOL + STR, lambda v: v in (True, False, "auto"), "true, false or auto"),
     Rule("data.max_memory_mb", INT, lambda v: v >= 1, "an integer >= 1 (MiB)"),
+    Rule("data.classes", LIST, lambda v: len(v) >= 2, "a list of >= 2 class names or indices, e.g. [0,1,2]",
+         nullable=True),
     Rule("data.augment", DICT, None, "a mapping with crop_padding and hflip, e.g. data.augment.hflip=false"),
     Rule("data.augment.crop_padding", INT, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
     Rule("data.augment.hflip", BOOL, None, "true or false"),
@@ -195,8 +207,9 @@ RULES: list[Rule] = [
     Rule("trainer.early_stopping.mode", STR, lambda v: v in ("min", "max"), "min or max"),
     Rule("trainer.checkpoint", DICT, None, MAPPING.format(group="trainer/checkpoint")),
     Rule("trainer.checkpoint.enabled", BOOL, None, "true or false"),
-    Rule("trainer.checkpoint.monitor", STR, _metric, "a metric name such as val/acc or val/loss"),
-    Rule("trainer.checkpoint.mode", STR, lambda v: v in ("min", "max"), "min or max"),
+    Rule("trainer.checkpoint.monitor", STR, lambda v: v == "auto" or _metric(v),
+         "auto or a metric name such as val/acc or val/loss"),
+    Rule("trainer.checkpoint.mode", STR, lambda v: v in ("min", "max", "auto"), "min, max or auto"),
     Rule("trainer.checkpoint.save_top_k", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("trainer.checkpoint.save_last", BOOL, None, "true or false"),
     Rule("trainer.checkpoint.every_n_epochs", INT, lambda v: v >= 1, "an integer >= 1"),
@@ -221,6 +234,28 @@ RULES: list[Rule] = [
     # -- explain --------------------------------------------------------------------------------------------------
     Rule("num_images", INT, lambda v: v >= 1, "an integer >= 1, e.g. num_images=16"),
     Rule("layer", STR, None, "a module name such as blocks.1.0, or null for the last Conv2d", nullable=True),
+    # -- logger ---------------------------------------------------------------------------------------------------
+    Rule("logger", DICT, None, "trackers chosen as logger=<option> or logger=[tensorboard,mlflow]", nullable=True),
+    Rule("logger.mlflow.tracking_uri", STR, lambda v: v.strip() != "",
+         "a tracking URI: sqlite:///path/mlflow.db or http://host:port"),
+    Rule("logger.mlflow.experiment_name", STR, lambda v: v.strip() != "", "a non-empty name, e.g. nnctl"),
+    Rule("logger.mlflow.log_artifacts", BOOL, None, "true or false"),
+    Rule("logger.mlflow.timeout_s", NUM, _positive, "a number of seconds > 0, e.g. 5"),
+    Rule("logger.wandb.mode", STR, _wandb_mode, _wandb_modes),
+    Rule("logger.wandb.project", STR, lambda v: v.strip() != "", "a non-empty project name, e.g. nnctl"),
+    Rule("logger.wandb.tags", LIST, None, "a list of strings, e.g. logger.wandb.tags=[baseline]"),
+    Rule("logger.wandb.log_artifacts", BOOL, None, "true or false"),
+    # -- adapter / fine-tuning -----------------------------------------------------------------------------------
+    Rule("adapter.r", INT, lambda v: v >= 1, "an integer >= 1, e.g. adapter.r=8"),
+    Rule("adapter.alpha", NUM, _positive, "a number > 0, e.g. adapter.alpha=16"),
+    Rule("adapter.dropout", NUM, lambda v: 0 <= v < 1, "a number in [0, 1), e.g. adapter.dropout=0.05"),
+    Rule("adapter.quant_type", STR, lambda v: v in ("nf4", "fp4"), "nf4 or fp4"),
+    Rule("adapter.double_quant", BOOL, None, "true or false"),
+    Rule("adapter.compute_dtype", STR, lambda v: v in ("float32", "fp32", "bfloat16", "bf16"), "float32 or bfloat16"),
+    Rule("init_from", STR, None, "a checkpoint file or run dir", nullable=True),
+    Rule("finetune.freeze", LIST, None, "a list of regexes, e.g. finetune.freeze=[features]"),
+    Rule("finetune.lr_mult", DICT, None, "a mapping regex -> number, e.g. finetune.lr_mult={features:0.1}",
+         nullable=True),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
     Rule("eval.worst_k", INT, lambda v: v >= 0, "an integer >= 0 (0 = no worst_k.png)"),

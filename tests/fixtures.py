@@ -228,3 +228,49 @@ def loader_kwargs(root: Path | str, **overrides: object) -> dict:
 def run_dirs(root: Path, command: str = "train") -> list[Path]:
     """Single-run dirs of `command` under root/outputs (they hold .hydra/), oldest first."""
     return sorted((p.parent for p in (root / "outputs" / command).glob("*/*/.hydra")), key=lambda p: str(p))
+
+
+# -- a tiny Hugging Face causal LM --------------------------------------------------------------------------------
+INSTRUCTIONS = [("Name the colour of the sky.", "The sky is blue."), ("Name the colour of grass.", "Grass is green."),
+                ("Name the colour of snow.", "Snow is white."), ("Name the colour of coal.", "Coal is black.")]
+
+
+def make_hf_causal_lm(root: Path, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 (about 40k parameters) and a byte-level BPE tokenizer trained on the instruction texts,
+    saved with save_pretrained into `root`: everything a hub model folder holds, built offline. The model is
+    pretrained for a few seconds on the plain texts, so that fine-tuning starts, as it does in practice, from a
+    base that knows the words (adapters on a random base barely move its loss)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([f"{p} {r}" for p, r in INSTRUCTIONS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(fast), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    ids = torch.tensor(fast(" ".join(f"{p} {r}" for p, r in INSTRUCTIONS) * 4)["input_ids"][:256])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(input_ids=ids[None, :64], labels=ids[None, :64]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(root)
+    fast.save_pretrained(root)
+    return root
+
+
+def write_instructions(path: Path, copies: int = 16) -> Path:
+    """A JSONL of {"prompt", "response"} records (the INSTRUCTIONS repeated)."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in INSTRUCTIONS * copies))
+    return path

@@ -37,12 +37,19 @@ def groups() -> dict[str, list[str]]:
 
 GROUPS = groups()
 ALL_OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
-GENERATIVE = {"gan", "vae", "diffusion"}  # model and objective options covered by tests/test_generative.py
+# Options of other families, built and trained end to end in their own tests (tests/test_generative.py,
+# tests/test_finetune.py, ...) rather than by the image-classifier checks below.
+OTHER_FAMILIES = {"data": {"instructions"}, "model": {"gan", "vae", "diffusion", "hf_causal_lm"},
+                  "objective": {"gan", "vae", "diffusion", "causal_lm"}, "experiment": {"instruct_qlora"}}
+
+
+def image_options(group: str) -> list[str]:
+    return [o for o in GROUPS[group] if o not in OTHER_FAMILIES.get(group, set())]
 
 
 def test_every_expected_group_is_present() -> None:
     expected = {"model", "data", "optimizer", "scheduler", "precision", "adapter", "objective", "debug", "experiment",
-                "trainer", "trainer/early_stopping", "trainer/checkpoint", "paths"}
+                "trainer", "trainer/early_stopping", "trainer/checkpoint", "paths", "logger"}
     assert expected <= set(GROUPS)
     assert set(GROUPS["scheduler"]) >= {"none", "cosine", "warmup_cosine", "cosine_warm_restarts", "onecycle",
                                         "step", "exponential", "plateau"}
@@ -79,7 +86,7 @@ def data_overrides(option: str, data_root: Path, image_root: Path) -> list[str]:
 
 # -- options without a dedicated test below: compose, and their _target_ imports --------------------------------------
 DEDICATED = {"data", "model", "optimizer", "scheduler", "precision", "adapter", "objective", "debug", "experiment",
-             "trainer/early_stopping", "trainer/checkpoint"}
+             "trainer/early_stopping", "trainer/checkpoint", "logger"}
 OTHER_OPTIONS = [(g, o) for g, o in ALL_OPTIONS if g not in DEDICATED]
 
 
@@ -98,7 +105,7 @@ def test_paths_follow_nnctl_root(tmp_path: Path) -> None:
 
 
 # -- data x default model: load the fixtures and run one batch through a model ------------------------------------
-@pytest.mark.parametrize("option", GROUPS["data"])
+@pytest.mark.parametrize("option", image_options("data"))
 def test_every_data_option_builds_and_feeds_a_model(option: str, data_root: fx.DataRoot,
                                                     image_folder: fx.Images) -> None:
     cfg = compose_train(f"data={option}", "model=cnn", "model.channels=[8]",
@@ -115,7 +122,7 @@ def test_every_data_option_builds_and_feeds_a_model(option: str, data_root: fx.D
 
 
 # -- models ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option", [o for o in GROUPS["model"] if o not in GENERATIVE])
+@pytest.mark.parametrize("option", image_options("model"))
 def test_every_model_option_builds_from_data_shapes_and_backpropagates(option: str) -> None:
     cfg = compose_train(f"model={option}")
     torch.manual_seed(0)
@@ -318,7 +325,7 @@ def test_adapter_options_return_a_trainable_model() -> None:
         assert model(torch.randn(2, 1, 4, 4)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("option", [o for o in GROUPS["objective"] if o not in GENERATIVE])
+@pytest.mark.parametrize("option", image_options("objective"))
 def test_every_objective_gives_a_loss_and_metrics(option: str) -> None:
     cfg = compose_train(f"objective={option}", "trainer.label_smoothing=0.1")
     spec = {"input": "image", "target": "class", "in_shape": (1, 8, 8), "num_classes": 10, "classes": list("0123456789")}
@@ -365,7 +372,7 @@ def flatten(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-@pytest.mark.parametrize("option", GROUPS["experiment"])
+@pytest.mark.parametrize("option", image_options("experiment"))
 def test_every_experiment_builds_all_components(option: str, data_root: fx.DataRoot, tmp_path: Path) -> None:
     # the fixtures hold 180 training images: a smaller batch keeps an epoch non-empty
     cfg = compose_train(f"experiment={option}", f"paths.data_dir={data_root.path}", "trainer.device=cpu",
@@ -409,6 +416,18 @@ def test_trainer_monitors_build_trackers(option: str) -> None:
     better, worse = (0.9, 0.5) if node.mode == "max" else (0.5, 0.9)
     assert tracker.update({node.monitor: worse}) and tracker.update({node.monitor: better})
     assert not tracker.update({node.monitor: worse}) and tracker.bad_checks == 1
+
+
+@pytest.mark.parametrize("option", GROUPS["logger"])
+def test_every_logger_option_names_tracker_adapters(option: str) -> None:
+    from nnctl.loggers import Logger
+
+    node = compose_train(f"logger={option}").logger
+    assert option in ("none", "many") or list(node) == [option]
+    assert set(node) == ({"tensorboard", "csv", "mlflow", "wandb"} if option == "many" else set(node))
+    for name, tracker in node.items():
+        assert tracker._partial_ is True, name  # the run and its saved state come from the engine
+        assert issubclass(get_object(tracker._target_), Logger), name
 
 
 # -- the files themselves ---------------------------------------------------------------------------------------------

@@ -124,6 +124,18 @@ CASES = [
          r"model\.widths: got \[\]; expected a non-empty list of integers >= 1"),
     case("airbench-whiten-width-1", ["train", "model=airbench", "model.whiten_width=1"],
          r"model\.whiten_width: got 1; expected an integer >= 2 or null"),
+    # -- experiment trackers -------------------------------------------------------------------------------------------
+    case("logger-unknown", ["train", "logger=mlfow"], r"logger=mlfow: unknown option \(did you mean 'mlflow'\?\); "
+                                                      r"choose one of csv, many, mlflow, none, tensorboard, wandb"),
+    case("logger-unknown-in-list", ["train", "logger=[tensorboard,neptune]"],
+         r"logger=neptune: unknown option; choose one of csv"),
+    case("logger-mlflow-unreachable", ["train", *TINY, "logger=mlflow", "logger.mlflow.tracking_uri=http://127.0.0.1:1",
+                                       "logger.mlflow.timeout_s=1"],
+         r"logger\.mlflow\.tracking_uri: cannot reach the MLflow tracking server at http://127\.0\.0\.1:1 "),
+    case("logger-wandb-mode", ["train", "logger=wandb", "logger.wandb.mode=cloud"],
+         r"logger\.wandb\.mode: got 'cloud'; expected one of offline, online, disabled"),
+    case("logger-key-of-other-option", ["train", "logger.mlflow.tracking_uri=http://x"],
+         r"logger\.mlflow\.tracking_uri: not a key of the selected logger option; only logger=mlflow has it"),
     # -- override syntax -----------------------------------------------------------------------------------------------
     case("syntax-unclosed-list", ["train", "trainer.max_epochs=[1,"],
          r"bad override 'trainer\.max_epochs=\[1,': .*write key=value"),
@@ -217,6 +229,18 @@ CASES = [
          r"eval\.worst_k: got -1; expected an integer >= 0"),
     case("summary-not-a-dir", ["summary", "{tmp}/nowhere"], r"SWEEP_DIR: .*nowhere is not a directory"),
     case("summary-no-jobs", ["summary", "{files}/emptydir"], r"SWEEP_DIR: .*emptydir holds no job dirs"),
+    # -- fine-tuning ---------------------------------------------------------------------------------------------------
+    case("lora-targets-nothing", ["train", *TINY, "adapter=lora", "adapter.target_modules=[nothing]"],
+         r"adapter\.target_modules: \['nothing'\] matches no adaptable layer of MLP; its Linear/Conv layers are: "
+         r"blocks\.0\.linear"),
+    case("qlora-without-linear", ["train", "data=synthetic", "data.num_samples=256", "model=cnn", "model.channels=[8]",
+                                  "adapter=qlora", "trainer.device=cpu"],
+         r"adapter: qlora quantizes Linear layers and CNN has none outside its head .*use adapter=lora"),
+    case("hf-path-not-a-model", ["train", "model=hf_causal_lm", "model.path={files}/emptydir", "trainer.device=cpu"],
+         r"model\.path: .*emptydir is not a Hugging Face model folder \(no config\.json\)"),
+    case("init-from-missing", ["train", *TINY, "init_from={files}/nowhere.pt"],
+         r"init_from: .*nowhere\.pt does not exist; pass the nnctl checkpoint"),
+    case("data-classes-unknown", ["train", *TINY, "data.classes=[0,99]"], r"data\.classes: unknown class 99"),
     case("unknown-command", ["trian"], r"^nnctl: unknown command 'trian' \(did you mean 'train'\?\)"),
     # -- engine contract and curriculum stages -----------------------------------------------------------------
     case("stages-unknown-key", ["train", *TINY, "stages=[{{name: a, epochs: 1, overrides: {{data.batchsize: 8}}}}]"],

@@ -67,13 +67,15 @@ class ImageData:
 
     def __init__(self, root: str, download: bool, batch_size: int, eval_batch_size: int, val_fraction: float,
                  split_seed: int, augment: dict, num_workers: int, limit: int | None, overfit_batches: int,
-                 in_memory: bool | str = True, max_memory_mb: int = 2048) -> None:
+                 in_memory: bool | str = True, max_memory_mb: int = 2048,
+                 classes: Sequence[str | int] | None = None) -> None:
         self.root, self.download = root, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.crop_padding, self.hflip = int(augment["crop_padding"]), bool(augment["hflip"])
         self.num_workers, self.limit, self.overfit_batches = num_workers, limit, overfit_batches
         self.in_memory, self.max_memory_mb = in_memory, max_memory_mb
+        self.keep_classes = None if classes is None else list(classes)
         self.device = torch.device("cpu")
         self.memory_format = torch.contiguous_format  # the engine sets channels_last for NHWC conv nets
         self.splits: dict[str, tuple[torch.Tensor | Dataset, torch.Tensor]] = {}
@@ -89,6 +91,8 @@ class ImageData:
         if self.splits:
             return self
         arrays = self.load()
+        if self.keep_classes is not None:
+            arrays = _select_classes(arrays, self.keep_classes)
         train_x, train_y = arrays.train_x, arrays.train_y
         if arrays.val_x is None:
             # Fixed by split_seed, so changing trainer.seed never moves images between train and val.
@@ -231,6 +235,34 @@ class ImageData:
         mean = sample.mean(dim=(0, 2, 3))
         std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
         return Normalize(mean, std)
+
+
+def _select_classes(arrays: Arrays, wanted: Sequence[str | int]) -> Arrays:
+    """Keep the images of `wanted` classes (names or indices) in every split, relabelled 0..k-1 in the order
+    given; class names are kept, so a fine-tuning run on a subset still reports real names."""
+    names = [str(c) for c in arrays.classes]
+    index: list[int] = []
+    for c in wanted:
+        i = c if isinstance(c, int) and not isinstance(c, bool) else (names.index(str(c)) if str(c) in names
+                                                                      else None)
+        if i is None or not 0 <= i < len(names):
+            raise UserError(f"unknown class {c!r}; this dataset has {len(names)} classes: {', '.join(names)} "
+                            f"(give names or indices 0..{len(names) - 1})", key="data.classes")
+        index.append(i)
+    if len(set(index)) != len(index) or len(index) < 2:
+        raise UserError(f"got {list(wanted)}; expected at least two different classes", key="data.classes")
+    remap = torch.full((len(names),), -1, dtype=torch.int64)
+    remap[torch.tensor(index)] = torch.arange(len(index))
+
+    def pick(x: torch.Tensor | Dataset | None, y: torch.Tensor | None) -> tuple:
+        if y is None:
+            return x, y
+        keep = (remap[y] >= 0).nonzero().flatten()
+        return _take(x, keep), remap[y[keep]]
+
+    train, test, val = pick(arrays.train_x, arrays.train_y), pick(arrays.test_x, arrays.test_y), \
+        pick(arrays.val_x, arrays.val_y)
+    return Arrays(*train, *test, [names[i] for i in index], *val)
 
 
 def to_tensor_images(images: np.ndarray, channels_last: bool = False) -> torch.Tensor:

@@ -29,6 +29,8 @@ class Objective:
     """Base class. Subclasses implement `training_step` (or `training_steps` for several updates per batch)
     and `eval_update`."""
 
+    monitor = ("val/loss", "min")  # what trainer.checkpoint.monitor=auto selects best.pt by: (metric, mode)
+
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward pass and mean loss. Returns (loss, {metric name: sum over the batch}), all on the device: the
         engine averages the sums per sample (so `acc` is returned as a count of correct predictions)."""
@@ -59,9 +61,11 @@ class Objective:
         may drop helper sums. Called on training and evaluation averages (unprefixed names)."""
         return means
 
-    def after_validation(self, model: nn.Module, data: Any, epoch: int, run_dir: Path, tb: Any, step: int) -> None:
-        """Called after each validation with the evaluation weights: e.g. write a text sample or an image grid
-        (`tb.text(tag, text, step)`, `tb.image(tag, image [C, H, W] in [0, 1], step)`). Nothing by default."""
+    def after_validation(self, model: nn.Module, data: Any, epoch: int, run_dir: Path, loggers: Any,
+                         step: int) -> None:
+        """Called after each validation with the evaluation weights: e.g. write a text sample or an image grid to
+        the run's trackers (`loggers.text(tag, text, step)`, `loggers.images(tag, N x C x H x W tensor or a PNG
+        path, step)`). Nothing by default."""
 
 
 # spec["target"] (or a model's `objective` name) -> the objective class that trains it ("module:Class", imported
@@ -71,6 +75,7 @@ OBJECTIVES: dict[str, str] = {
     "gan": "nnctl.objectives.generative:GANObjective",
     "vae": "nnctl.objectives.generative:VAEObjective",
     "diffusion": "nnctl.objectives.generative:DiffusionObjective",
+    "causal_lm": "nnctl.objectives.causal_lm:CausalLM",
 }
 
 

@@ -43,6 +43,7 @@ def tta_mode(name: str | bool | None):  # noqa: ANN201 - returns one of TTA_MODE
 
 
 class Classification(Objective):
+    monitor = ("val/acc", "max")
     """Cross entropy with optional label smoothing; accuracy (and top-5 accuracy when there are > 5 classes)."""
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0) -> None:

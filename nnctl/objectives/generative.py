@@ -56,9 +56,9 @@ class Generative(Objective):
         model.eval()
         images = model.sample(self.grid_samples, torch.Generator(device=device).manual_seed(GRID_SEED))
         model.train(was_training)
-        image = grid(images)
-        tb.image("samples", image, step)
-        save_png(image, Path(run_dir) / "samples" / f"epoch_{epoch:03d}.png")
+        path = Path(run_dir) / "samples" / f"epoch_{epoch:03d}.png"
+        save_png(grid(images), path)
+        tb.images("samples", path, step)  # the PNG as written: every tracker shows the same pixels
 
 
 class GANObjective(Generative):

@@ -1,0 +1,232 @@
+"""Fine-tuning: LoRA / DoRA / QLoRA through peft on nnctl models and a tiny Hugging Face LM, init_from with a new
+head, class subsets, adapter checkpoints (small, exact resume, base checks), export, generation."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import fixtures as fx
+from nnctl import checkpoint as ck
+from nnctl.cli import main
+from nnctl.commands import CONFIG_DIR
+
+DIGITS = ["data=digits", "data.batch_size=64", "trainer.device=cpu", "trainer.progress=false",
+          "trainer.early_stopping.enabled=false", "scheduler=none"]
+MLP = [*DIGITS, "model=mlp", "model.hidden_sizes=[64,32]"]
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+def _engine(overrides: list[str], run_dir: Path):  # noqa: ANN202 - an Engine
+    from nnctl.engine import Engine
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"paths.run_dir={run_dir}"])
+    return Engine(cfg, run_dir)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLP trained on digits 0-4 (three epochs): the base the adapters fine-tune on digits 5-9."""
+    run = tmp_path_factory.mktemp("pre") / "run"
+    assert main(["train", *MLP, "data.classes=[0,1,2,3,4]", "trainer.max_epochs=3", "optimizer.lr=0.01",
+                 f"hydra.run.dir={run}"]) == 0
+    assert _metrics(run)["test"]["acc"] > 0.9
+    return run
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "qlora"])
+def test_adapter_trains_and_leaves_the_base_bit_identical(adapter: str, pretrained: Path, tmp_path: Path) -> None:
+    engine = _engine([*MLP, f"adapter={adapter}", "data.classes=[5,6,7,8,9]", "trainer.max_epochs=2",
+                      "optimizer.lr=0.01", f"init_from={pretrained}"], tmp_path / "run")
+    frozen = {n: p.detach().clone() for n, p in engine.net.named_parameters() if not p.requires_grad}
+    assert any("lora_A" in n for n, p in engine.net.named_parameters() if p.requires_grad)
+    before = engine.evaluate("val")["val/loss"]
+    result = engine.fit()
+    after = {n: p for n, p in engine.net.named_parameters() if not p.requires_grad}
+    assert frozen.keys() == after.keys() and all(torch.equal(frozen[n], after[n]) for n in frozen)
+    assert result["val"]["loss"] < 0.5 * before and result["test"]["acc"] > 0.6  # chance: 0.2
+    state = ck.load_checkpoint(tmp_path / "run" / "checkpoints" / ck.BEST)
+    assert not any("base_layer" in k and k.endswith("weight") for k in state[ck.MODEL])  # only what trained
+    assert state[ck.BASE]["init_from"].endswith("best.pt") and len(state[ck.BASE]["weights_sha256"]) == 64
+    # nnctl eval rebuilds the base from init_from and reproduces the run's test metrics
+    assert main(["eval", f"ckpt={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+    assert _metrics(tmp_path / "eval")["test"] == pytest.approx(result["test"], abs=1e-6)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_export_merged_matches_the_adapter_model(adapter: str, pretrained: Path, tmp_path: Path) -> None:
+    from nnctl.export import load_plain
+
+    run = tmp_path / "run"
+    assert main(["train", *MLP, f"adapter={adapter}", "data.classes=[5,6,7,8,9]", "trainer.max_epochs=1",
+                 "optimizer.lr=0.01", f"init_from={pretrained}", f"hydra.run.dir={run}"]) == 0
+    assert (run / "checkpoints" / "best_peft" / "adapter_model.safetensors").is_file()
+    assert main(["export", f"ckpt={run}", f"out={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'ex'}"]) == 0
+    merged = load_plain(tmp_path / "out")
+    assert not any("lora" in k for k in merged.state_dict())
+    engine = _engine([*MLP, f"adapter={adapter}", "data.classes=[5,6,7,8,9]", f"init_from={pretrained}"],
+                     tmp_path / "e")
+    engine.load_state_dict(ck.load_checkpoint(run / "checkpoints" / ck.BEST), full=False)
+    x, _ = next(engine.data.eval_batches("test"))
+    with torch.no_grad():
+        assert torch.allclose(merged(x), engine.net.eval()(x), atol=1e-5)
+
+
+def test_init_from_recreates_a_head_that_does_not_fit(pretrained: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", *MLP, "data.classes=[7,8,9]", "trainer.max_epochs=2", "optimizer.lr=0.01", f"init_from={pretrained}",
+                 f"hydra.run.dir={run}"]) == 0
+    assert "re-initialized: head.weight, head.bias" in (run / "train.log").read_text()  # a WARNING line
+    assert _metrics(run)["test"]["acc"] > 0.7  # chance: 0.33
+    state = ck.load_checkpoint(run / "checkpoints" / ck.BEST)
+    base = ck.load_checkpoint(pretrained / "checkpoints" / ck.BEST)[ck.MODEL]
+    assert ck.BASE not in state and state[ck.MODEL]["head.weight"].shape[0] == 3
+    assert not torch.equal(state[ck.MODEL]["blocks.0.linear.weight"], base["blocks.0.linear.weight"])
+
+
+def test_lr_mult_and_freeze_make_their_own_groups(tmp_path: Path) -> None:
+    engine = _engine([*MLP, "optimizer.lr=0.01", "finetune.lr_mult={blocks\\.0:0.1}", "finetune.freeze=[blocks.1]"],
+                     tmp_path / "run")
+    engine.configure_optimization()
+    lrs = sorted({g["lr"] for g in engine.optimizer.param_groups if g["params"]})
+    assert lrs == pytest.approx([0.001, 0.01])
+    held = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) not in held for p in engine.net.blocks[1].parameters())
+
+
+def test_adapter_checkpoint_refuses_a_changed_or_missing_base(pretrained: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    base = tmp_path / "base.pt"
+    shutil.copy(pretrained / "checkpoints" / ck.BEST, base)
+    run = tmp_path / "run"
+    assert main(["train", *MLP, "adapter=lora", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                 f"init_from={base}", f"hydra.run.dir={run}"]) == 0
+    state = ck.load_checkpoint(base)
+    state[ck.MODEL]["blocks.0.linear.weight"] += 1
+    ck.save_checkpoint(state, base)
+    capsys.readouterr()
+    assert main(["eval", f"ckpt={run}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "init_from: the adapter checkpoint's base" in err and "changed since training" in err
+    base.unlink()
+    assert main(["eval", f"ckpt={run}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "base.pt does not exist" in err and "needs the base checkpoint" in err
+
+
+LORA_CNN = ["data=digits", "data.batch_size=32", "model=cnn", "model.channels=[8,16]", "scheduler=step",
+            "adapter=lora", "trainer.deterministic=true", "trainer.progress=false", "trainer.max_epochs=3",
+            "trainer.early_stopping.enabled=false", "trainer.log_every_n_steps=5", "trainer.device=cpu"]
+
+
+def test_adapter_run_resumes_exactly_after_kill9(tmp_path: Path) -> None:
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "nnctl", "train", *LORA_CNN, f"hydra.run.dir={run}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert main(["train", *LORA_CNN, f"hydra.run.dir={straight}"]) == 0  # meanwhile: the uninterrupted run
+    last = run / "checkpoints" / ck.LAST
+    import time
+
+    while not last.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if ck.load_checkpoint(last)[ck.EPOCH] >= 3:
+        pytest.skip("the run finished before it could be killed")
+    assert main(["train", f"resume={run}"]) == 0
+    a, b = (ck.load_checkpoint(r / "checkpoints" / ck.LAST)[ck.MODEL] for r in (run, straight))
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics(run)["test"] == _metrics(straight)["test"]
+
+
+# -- Hugging Face causal LMs -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lm")
+    return fx.make_hf_causal_lm(root / "model"), fx.write_instructions(root / "records.jsonl")
+
+
+def _lm_args(tiny_lm: tuple[Path, Path], *extra: str) -> list[str]:
+    model, records = tiny_lm
+    return ["train", "experiment=instruct_qlora", f"model.path={model}", f"data.path={records}",
+            "trainer.device=cpu", "trainer.progress=false", "optimizer.lr=0.02", "data.batch_size=4", *extra]
+
+
+def test_instruction_tuning_with_qlora_end_to_end(tiny_lm: tuple[Path, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nnctl.models.hf import generate_hf
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert main([*_lm_args(tiny_lm), f"hydra.run.dir={run}"]) == 0
+    result = _metrics(run)
+    assert result["val"]["loss"] < 2.5 and result["val"]["ppl"] < 12  # the base scores ~3.5 on the template
+    base_size = (tiny_lm[0] / "model.safetensors").stat().st_size
+    assert (run / "checkpoints" / ck.BEST).stat().st_size < base_size
+    # generate with the adapter model as nnctl rebuilds it from the checkpoint
+    state = ck.load_checkpoint(run / "checkpoints" / ck.BEST)
+    from omegaconf import OmegaConf
+
+    from nnctl.engine import Engine
+
+    engine = Engine(OmegaConf.create(state[ck.CONFIG]), tmp_path / "e")
+    engine.load_state_dict(state, full=False)
+    prompt = engine.data.template.format(prompt="Name the colour of snow.")
+    text = generate_hf(engine.net, engine.data.tokenizer, prompt, max_new_tokens=6, temperature=0.0)
+    assert text.strip(), "the adapter model generated nothing"
+    # export merged, reload with plain transformers: same greedy tokens
+    assert main(["export", f"ckpt={run}", f"out={out}", f"hydra.run.dir={tmp_path / 'ex'}"]) == 0
+    plain, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert generate_hf(plain, tok, prompt, max_new_tokens=6, temperature=0.0) == text
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(ids).logits, engine.net.eval()(input_ids=ids).logits, atol=1e-4)
+
+
+def test_lora_on_a_hf_model_writes_a_peft_folder_plain_peft_loads(tiny_lm: tuple[Path, Path], tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "run"
+    assert main([*_lm_args(tiny_lm, "adapter=lora", "data.mode=packed", "data.max_len=48", "trainer.max_epochs=1"),
+                 f"hydra.run.dir={run}"]) == 0
+    assert main(["export", f"ckpt={run}", f"out={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'ex'}"]) == 0
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm[0]),
+                                           run / "checkpoints" / "best_peft").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+def test_generate_hf_samples_reproducibly(tiny_lm: tuple[Path, Path]) -> None:
+    from nnctl.models.hf import generate_hf, hf_causal_lm, load_tokenizer
+
+    model, tok = hf_causal_lm(str(tiny_lm[0])), load_tokenizer(str(tiny_lm[0]))
+    a = generate_hf(model, tok, "Name the", max_new_tokens=5, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    assert a == generate_hf(model, tok, "Name the", max_new_tokens=5, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    assert len(tok(a)["input_ids"]) >= 1
+
+
+def test_hub_id_offline_fails_at_once(capsys: pytest.CaptureFixture) -> None:
+    import time
+
+    started = time.perf_counter()
+    assert main(["train", "model=hf_causal_lm", "model.path=someone/some-model", "trainer.device=cpu"]) == 2
+    assert time.perf_counter() - started < 30
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.path: cannot load 'someone/some-model': no network" in err
