@@ -16,7 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from nnctl.errors import USER_ERROR_EXIT, Interrupted, UserError, WorkersFailed, one_line
 
-CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+def _default_config_dir() -> Path:
+    """The configs shipped inside an installed wheel (nnctl/configs), else the source tree's top-level configs/."""
+    package = Path(__file__).resolve().parent
+    return package / "configs" if (package / "configs" / "train.yaml").is_file() else package.parent / "configs"
+
+
+# NNCTL_CONFIG_DIR replaces the built-in configs; Hydra's --config-dir adds a dir of your own to the search path.
+CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR") or _default_config_dir())
 GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer", "logger")
 EVAL_PATCHABLE = ("data", "trainer", "eval")
 EVAL_ONLY = ("worst_k", "feature_ckpt", "quality_samples")  # eval.* keys of eval/explain itself, not of the run
@@ -30,35 +38,51 @@ FAILED: list[BaseException] = []  # a single run's exception, raised again after
 def train_task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
+    from nnctl import checkpoint as ck
     from nnctl import distributed
-    from nnctl.reporting import print_config
+    from nnctl.reporting import console, print_config
     from nnctl.validate import validate
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    state = None
+    state, plan = None, "new"
     if cfg.resume is not None:
-        from nnctl.resume import resume_config
+        from nnctl.resume import continuation, resume_config
 
         cfg, state, run_dir = resume_config(cfg, HydraConfig.get().overrides.task, CONFIG_DIR)
     validate(cfg)
+    if state is not None:
+        plan = continuation(cfg, state)
+    if plan == "done":  # no training and no re-evaluation: the run dir stays as it is
+        longer = ("its stages are done" if cfg.get("stages") else
+                  "to train longer, pass a larger trainer.max_epochs (or trainer.max_steps)")
+        console.print(f"nothing left to train: {run_dir} has trained {state[ck.EPOCH]} epoch(s), {state[ck.STEP]} "
+                      f"steps, as many as this run asks for; {longer}", markup=False, soft_wrap=True)
+        return {"epochs": state[ck.EPOCH], "global_step": state[ck.STEP], "checkpoint": cfg.resume}
     distributed.publish_run_dir(run_dir)  # launched by torchrun/srun: the other ranks train in this run dir
     print_config(cfg)
     if distributed.spawns(cfg):  # trainer.nproc_per_node / nnodes > 1: start the workers
         return distributed.launch(cfg, run_dir)
-    return train(cfg, run_dir, state)
+    return train(cfg, run_dir, state, plan)
 
 
-def train(cfg: DictConfig, run_dir: Path, state: dict[str, Any] | None) -> dict[str, Any]:
-    """Train (or continue from `state`) in this process, one of the job's ranks or the only one."""
+def train(cfg: DictConfig, run_dir: Path, state: dict[str, Any] | None, plan: str | None = None) -> dict[str, Any]:
+    """Train (or continue from `state`, as `plan` from nnctl.resume.continuation says) in this process, one of the
+    job's ranks or the only one."""
     from nnctl import checkpoint as ck
     from nnctl.engine import Engine
     from nnctl.reporting import print_model_summary
+    from nnctl.resume import continuation
 
     engine = Engine(cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]) if state else (0, 0))
     try:
         print_model_summary(engine.net)
         if state is not None:
             engine.load_state_dict(state, full=True)
+            if (plan or continuation(cfg, state)) == "replan":
+                steps = engine.replan_schedule()
+                log.warning("trainer.extend_schedule: the %d steps left (to trainer.max_epochs=%d) get a fresh %s "
+                            "schedule, starting over from its beginning; the optimizer state carries on", steps,
+                            cfg.trainer.max_epochs, cfg.scheduler._target_.rpartition(".")[2])
         return engine.fit()
     finally:
         engine.dist.teardown()

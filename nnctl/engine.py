@@ -132,7 +132,8 @@ class Engine:
         return min(steps, t.max_steps) if t.max_steps else steps
 
     # -- optimization setup -------------------------------------------------------------------------------------
-    def configure_optimization(self) -> None:
+    def configure_optimization(self, total_steps: int | None = None) -> None:
+        """Build the optimizers, with schedules planned over `total_steps` (default: `total_steps()`)."""
         t, n = self.t, self.batches_per_epoch("train")
         if n < t.grad_accum_steps:
             raise UserError(f"an epoch has {n} batch(es), fewer than trainer.grad_accum_steps={t.grad_accum_steps}; "
@@ -142,8 +143,29 @@ class Engine:
             raise UserError(f"this objective updates {', '.join(groups)} in turn every batch, which gradient "
                             "accumulation cannot split; set trainer.grad_accum_steps=1 and raise data.batch_size",
                             key="trainer.grad_accum_steps")
-        self.optim = Optimization(self.cfg, groups, self.device, self.scaler, t, self.total_steps(),
-                                  n // t.grad_accum_steps, self.dist, self.net)
+        self.optim = Optimization(self.cfg, groups, self.device, self.scaler, t,
+                                  self.total_steps() if total_steps is None else total_steps, n // t.grad_accum_steps,
+                                  self.dist, self.net)
+
+    def restart_schedule(self, total_steps: int | None = None) -> None:
+        """Fresh optimizers and schedules from the config in force (planned over `total_steps`), keeping the
+        optimizers' state (momentum, Adam moments): a new lr plan, not a new start."""
+        moments = self.optim.state_dict()[0]
+        self.configure_optimization(total_steps)
+        for name, opt in self.optim.optimizers.items():
+            state = opt.state_dict()
+            state["state"] = moments[name]["state"]  # hyperparameters (lr, ...) come from the config in force
+            opt.load_state_dict(state)
+
+    def replan_schedule(self) -> int:
+        """After a full load_state_dict of a finished run resumed for longer: the steps left to the configured end
+        get the configured schedule afresh (warmup, peak lr, decay). Returns those steps."""
+        t = self.t
+        per_epoch = self.batches_per_epoch("train") // t.grad_accum_steps
+        remaining = min((t.max_epochs - self.epoch) * per_epoch - self.batch_in_epoch // t.grad_accum_steps,
+                        self.total_steps() - self.step)
+        self.restart_schedule(remaining)
+        return remaining
 
     # -- the training loop --------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -256,12 +278,7 @@ class Engine:
             self.spec = dict(self.data.spec)
         if cfg.objective != before.objective:
             self.objective = complete(instantiate(cfg.objective), self.spec, "objective")
-        moments = self.optim.state_dict()[0]
-        self.configure_optimization()
-        for name, opt in self.optim.optimizers.items():
-            state = opt.state_dict()
-            state["state"] = moments[name]["state"]  # hyperparameters (lr, ...) come from the stage's config
-            opt.load_state_dict(state)
+        self.restart_schedule()  # over the stage's steps, from the stage's optimizer settings
         console.print(f"stage {stage.index + 1}/{len(self.stages)}: {stage.name}")
 
     def _interrupt(self, signum: int) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,27 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.syntax import Syntax
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=False, highlight=False)
+
+
+class ConsoleLogHandler(logging.Handler):
+    """Log records as one line each on the run's console ("warning: 3 unreadable images skipped").
+
+    Printing through the shared console keeps the lines above a live progress bar instead of tearing it. Hydra's
+    job logging (configs/hydra/default.yaml) attaches it to the root logger at level WARNING.
+    """
+
+    STYLES = {"WARNING": "yellow", "ERROR": "bold red", "CRITICAL": "bold red"}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = Text.assemble((f"{record.levelname.lower()}: ", self.STYLES.get(record.levelname, "")),
+                                 self.format(record))  # a Text: brackets in the message are not markup
+            console.print(text, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
 
 
 def print_config(cfg: DictConfig) -> None:

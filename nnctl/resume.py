@@ -15,6 +15,8 @@ IDENTITY_GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "prec
 # Keys a resumed run may change: how long and how it trains/logs, where files are, how data is read.
 RESUME_MAY_CHANGE = ("trainer.", "eval.", "paths.", "logger.", "data.root", "data.num_workers",
                      "data.eval_batch_size", "data.download")
+EXTEND = "trainer.extend_schedule"  # a decision for this resume only: never inherited from the stored config
+LENGTH = ("max_epochs", "max_steps")  # the trainer keys that set how long a run (and its schedule) is
 
 
 def _identity(cfg: DictConfig) -> dict[str, Any] | None:
@@ -60,6 +62,8 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], config_dir: Path) -
         raise UserError(f"{path} lacks the training state needed to resume ({', '.join(missing)}); evaluate it "
                         "with nnctl eval or start a new run", key="resume")
     stored = OmegaConf.create(state[ck.CONFIG])
+    if OmegaConf.select(stored, EXTEND) is not None:
+        OmegaConf.update(stored, EXTEND, False)
     if isinstance(overrides, ListConfig):  # iterating a ListConfig would resolve ${...} inside override strings
         overrides = OmegaConf.to_container(overrides, resolve=False)
     for item in overrides:
@@ -86,7 +90,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], config_dir: Path) -
             raise UserError(f"{key} differs from the checkpoint's ({old!r} -> {new!r}) and cannot change on "
                             "resume; resume may change trainer.*, eval.*, paths.*, logger.* and "
                             "data.root/num_workers/eval_batch_size. Start a new run instead", key="resume")
-        if old != new:
+        if old != new and key != EXTEND:
             log.warning("resuming with %s changed: %r -> %r", key, old, new)
         OmegaConf.update(stored, key, new, force_add=True)
     if "logger" not in stored:  # a checkpoint from before the logger group: today's default trackers
@@ -95,3 +99,38 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], config_dir: Path) -
     run_dir = path.parent.parent
     log.info("resuming %s at epoch %d, step %d", run_dir, state[ck.EPOCH], state[ck.STEP])
     return stored, state, run_dir
+
+
+def continuation(cfg: DictConfig, state: dict[str, Any]) -> str:
+    """How a resumed run goes on: "exact" (as if never stopped), "replan" (a fresh schedule over the steps left,
+    asked for with trainer.extend_schedule=true) or "done" (the checkpoint is already as long as the run asks).
+
+    A run that finished a length-bound schedule (cosine, one-cycle: its lr has reached the end value) is not
+    trained longer at that lr: without trainer.extend_schedule that is refused with the two ways forward.
+    """
+    from hydra.utils import get_class
+
+    stored, t = OmegaConf.create(state[ck.CONFIG]).trainer, cfg.trainer
+    epoch, step = state[ck.EPOCH], state[ck.STEP]
+    if cfg.get("stages"):  # the stages fix the run's length (trainer.max_epochs follows them), each its schedule
+        from nnctl.stages import Stages
+
+        return "done" if epoch >= Stages(cfg).total_epochs or (t.max_steps and step >= t.max_steps) else "exact"
+    if epoch >= t.max_epochs or (t.max_steps and step >= t.max_steps):
+        return "done"
+    finished = epoch >= stored.max_epochs or bool(stored.max_steps and step >= stored.max_steps)
+    changed = any(stored.get(k) != t.get(k) for k in LENGTH)
+    schedule = cfg.scheduler._target_.rpartition(".")[2]
+    if not changed or not getattr(get_class(cfg.scheduler._target_), "length_bound", True):
+        return "exact"  # same length, or a schedule that continues the same curve over any length
+    if t.get("extend_schedule", False):
+        return "replan"
+    if finished:
+        raise UserError(
+            f"the run finished its {schedule} schedule (epoch {epoch}, step {step}): its learning rate is at the "
+            "final value, so training on would continue at that lr. To train longer, start a fresh schedule from "
+            f"its weights with nnctl train init_from={cfg.resume} ..., or continue this run with a new {schedule} "
+            "schedule over the added epochs/steps by adding trainer.extend_schedule=true", key="resume")
+    log.warning("the %s schedule keeps the length it was planned for (max_epochs=%s, max_steps=%s); add %s=true "
+                "to plan the steps left afresh", schedule, stored.max_epochs, stored.max_steps, EXTEND)
+    return "exact"

@@ -14,6 +14,9 @@ class Schedule:
     """Wraps a torch scheduler that is stepped every optimizer step."""
 
     per_step = True
+    # True when the lr curve is planned over the run's total steps and so ends with the run (cosine, one-cycle);
+    # False when it is defined step by step, and a longer run is the same curve continued (step, plateau, ...).
+    length_bound = False
 
     def __init__(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -61,12 +64,16 @@ class _WarmupCosineFactor:
 
 
 class Cosine(Schedule):
+    length_bound = True
+
     def __init__(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int,
                  min_lr_ratio: float = 0.0) -> None:
         super().__init__(_lambda(optimizer, _WarmupCosineFactor(total_steps, 0, min_lr_ratio)))
 
 
 class WarmupCosine(Schedule):
+    length_bound = True
+
     def __init__(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_fraction: float = 0.05,
                  min_lr_ratio: float = 0.0) -> None:
         warmup = max(1, int(total_steps * warmup_fraction))
@@ -84,6 +91,8 @@ class CosineWarmRestarts(Schedule):
 
 
 class OneCycle(Schedule):
+    length_bound = True
+
     def __init__(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int, pct_start: float = 0.25,
                  div_factor: float = 25.0, final_div_factor: float = 1e3, anneal: str = "cos") -> None:
         max_lr = [g["lr"] for g in optimizer.param_groups]

@@ -235,6 +235,7 @@ RULES: list[Rule] = [
     Rule("trainer.progress", BOOL, None, "true or false"),
     Rule("trainer.channels_last", BOOL, None, "true or false"),
     Rule("trainer.compile", BOOL, None, "true or false"),
+    Rule("trainer.extend_schedule", BOOL, None, "true or false, e.g. trainer.extend_schedule=true"),
     Rule("trainer.init_samples", INT, lambda v: v >= 1, "an integer >= 1"),
     Rule("trainer.ema", DICT, None, MAPPING.format(group="trainer/ema")),
     Rule("trainer.ema.enabled", BOOL, None, "true or false"),

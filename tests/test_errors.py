@@ -195,7 +195,13 @@ CASES = [
                                                                       r"run's checkpoints/ dir"),
     case("resume-then-bad-value", ["train", "resume={run}", "trainer.max_epochs=0"],
          r"trainer\.max_epochs: got 0; expected an integer >= 1"),
-    pytest.param(["train", "resume={run}", "trainer.max_epochs=2", "trainer.device=cuda"], 2,
+    case("resume-finished-schedule", ["train", "resume={run}", "trainer.max_epochs=2"],
+         r"resume: the run finished its WarmupCosine schedule \(epoch 1, step 2\): its learning rate is at the final "
+         r"value.* nnctl train init_from=.*/checkpoints/last\.pt .*trainer\.extend_schedule=true"),
+    case("resume-extend-not-bool", ["train", "resume={run}", "trainer.max_epochs=2", "trainer.extend_schedule=yes"],
+         r"trainer\.extend_schedule: got 'yes'; expected true or false"),
+    pytest.param(["train", "resume={run}", "trainer.max_epochs=2", "trainer.extend_schedule=true",
+                  "trainer.device=cuda"], 2,
                  r"trainer\.device: device 'cuda' is not available", id="resume-then-device-absent",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     # -- data and output locations -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from nnctl import checkpoint as ck
 from fixtures import wait_for as _wait_for
@@ -94,7 +95,9 @@ def test_signal_saves_mid_epoch_and_resume_is_bitwise_identical(signum: int, ext
     assert _metrics(run)["test"] == _metrics(reference)["test"]
 
 
-def test_resume_extends_a_finished_run_and_auto_finds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_extends_a_finished_run_and_auto_finds_it(straight: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """scheduler=step does not depend on the run's length: a finished run trained on is the same as a longer run."""
     monkeypatch.chdir(tmp_path)
     short = [a for a in TINY if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=2"]
     assert main(["train", *short]) == 0
@@ -104,6 +107,70 @@ def test_resume_extends_a_finished_run_and_auto_finds_it(tmp_path: Path, monkeyp
     assert main(["train", *short, "resume=auto", "trainer.max_epochs=3"]) == 0
     assert ck.load_checkpoint(run / "checkpoints" / ck.LAST)[ck.EPOCH] == 3
     assert _metrics(run)["epochs"] == 3
+    _assert_bitwise_equal(_weights(run), _weights(straight))
+
+
+def _digests(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_finished_run_without_more_epochs_trains_and_rewrites_nothing(
+        straight: Path, capsys: pytest.CaptureFixture) -> None:
+    before = _digests(straight)
+    capsys.readouterr()
+    assert main(["train", f"resume={straight}"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing left to train" in out and "3 epoch(s)" in out and "trainer.max_epochs" in out
+    assert _digests(straight) == before  # no re-evaluation: metrics.json, TensorBoard and checkpoints untouched
+
+
+# The default recipe: digits, CNN, AdamW and warmup_cosine, a schedule planned over the run's length.
+DIGITS = ["trainer.max_epochs=1", "trainer.progress=false", "trainer.log_every_n_steps=1", "trainer.device=cpu"]
+
+
+def _lrs_after(run: Path, step: int) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("lr") if e.step > step]
+
+
+def test_extend_schedule_trains_a_finished_run_longer_under_a_fresh_schedule(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    from nnctl.engine import Engine
+
+    finished = tmp_path / "finished"
+    assert main(["train", *DIGITS, f"hydra.run.dir={finished}"]) == 0
+    state = ck.load_checkpoint(finished / "checkpoints" / ck.LAST)
+    peak = float(OmegaConf.create(state[ck.CONFIG]).optimizer.lr)
+    assert state[ck.OPTIMIZER]["main"]["param_groups"][0]["lr"] < 0.01 * peak  # the schedule has ended
+    extended, final_lr = tmp_path / "extended", tmp_path / "final_lr"
+    shutil.copytree(finished, extended)
+    shutil.copytree(finished, final_lr)
+
+    capsys.readouterr()
+    assert main(["train", f"resume={extended}", "trainer.max_epochs=2", "trainer.extend_schedule=true"]) == 0
+    out = capsys.readouterr().out
+    # warnings reach the console once each (and the log file); INFO stays in the log file
+    assert out.count("warning: resuming with trainer.max_epochs changed: 1 -> 2") == 1, out
+    assert out.count("get a fresh WarmupCosine schedule") == 1, out
+    (log_file,) = (tmp_path / "outputs" / "train").glob("*/*/train.log")  # the resume command's own Hydra dir
+    log_text = log_file.read_text()
+    assert "resuming with trainer.max_epochs changed" in log_text and "resuming " + str(extended) in log_text
+    assert "resuming " + str(extended) not in out
+    lrs = _lrs_after(extended, state[ck.STEP])
+    assert len(lrs) == state[ck.STEP] and max(lrs) > 0.9 * peak and lrs[-1] < 0.01 * peak  # warmup, peak, decay
+
+    # For comparison, the same resume without the new plan: the extra epoch runs at the final lr of the first.
+    monkeypatch.setattr(Engine, "replan_schedule", lambda self: 0)
+    assert main(["train", f"resume={final_lr}", "trainer.max_epochs=2", "trainer.extend_schedule=true"]) == 0
+    assert max(_lrs_after(final_lr, state[ck.STEP])) < 0.01 * peak
+    test_loss = {run.name: _metrics(run)["test"]["loss"] for run in (finished, extended, final_lr)}
+    assert test_loss["extended"] < 0.6 * test_loss["final_lr"], test_loss
+    assert test_loss["final_lr"] < test_loss["finished"], test_loss
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path,

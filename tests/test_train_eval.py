@@ -180,6 +180,25 @@ def test_multirun_reports_a_failed_point_and_finishes_the_others(cli: Callable[.
     assert "1 of 2" in out.out + out.err and "optimizer.lr" in out.out + out.err
 
 
+def test_warnings_reach_the_console_once_per_job(cli: Callable[..., int], tmp_path: Path, image_folder: fx.Images,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """WARNING records print on the console (and stay in the log file); INFO records only go to the log file."""
+    args = [*TINY, "data=image_folder", f"data.root={image_folder[0]}", "data.image_size=16", "data.batch_size=8",
+            "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.max_epochs=1"]
+    warning = "warning: skipped 1 unreadable image file(s)"
+    for sweep, jobs in ((["-m", "trainer.seed=1,2"], 2), ([], 1)):
+        capsys.readouterr()
+        assert cli("train", *sweep, *args) == 0
+        out = capsys.readouterr().out
+        assert out.count(warning) == jobs, out
+        assert "data image_folder: train" not in out  # an INFO record
+    logs = sorted((tmp_path / "outputs").glob("**/train.log"))
+    assert len(logs) == 3
+    for log in logs:
+        text = log.read_text()
+        assert text.count("skipped 1 unreadable image file(s)") == 1 and "data image_folder: train" in text
+
+
 # -- precision, schedulers, debug modes --------------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_trains_on_cpu(precision: str, cli: Callable[..., int], tmp_path: Path) -> None:
