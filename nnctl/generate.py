@@ -95,9 +95,37 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def translate(model: nn.Module, data_state: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """Encoder-decoder models (model=seq2seq): decode `input` greedily or with a beam search, print the output."""
+    from nnctl.seq2seq_decode import decode_text
+
+    if cfg.input is None:
+        raise UserError("a sequence-to-sequence model decodes an input: pass input=\"...\"", key="input")
+    text = decode_text(model, data_state, str(cfg.input), beam=cfg.beam, max_len=cfg.max_new_tokens)
+    _write(text + "\n")
+    return [text]
+
+
+def respond(model: nn.Module, data_state: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """Fine-tuned Hugging Face causal LMs (model=hf_causal_lm): the prompt shown through the training template,
+    the model's continuation printed."""
+    from nnctl.models.hf import generate_hf, load_tokenizer
+
+    tokenizer = load_tokenizer(data_state["tokenizer_path"])
+    shown = data_state.get("template", "{prompt}").format(prompt="" if cfg.prompt is None else str(cfg.prompt))
+    texts = []
+    for i in range(cfg.num_samples):
+        texts.append(generate_hf(model, tokenizer, shown, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                 cfg.seed + i))
+        _write(texts[-1] + "\n")
+    return texts
+
+
 # spec["target"] of the checkpoint's data -> its decoding: fn(model, data_state, cfg) -> list of output texts
 DECODERS: dict[str, Callable[[nn.Module, dict[str, Any], DictConfig], list[str]]] = {
     "next_token": continue_text,
+    "seq2seq": translate,
+    "causal_lm": respond,
 }
 
 
@@ -126,7 +154,10 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         device = pick_device(cfg.device)
     except UserError as exc:  # it names the training key; here the key is `device`
         raise UserError(str(exc).split(": ", 1)[1].replace("trainer.device", "device"), key="device") from None
-    net = instantiate(stored.adapter)(complete(instantiate(stored.model), data_state["spec"], "model"))
+    from nnctl.finetune import starting_point
+
+    net, _ = starting_point(stored, complete(instantiate(stored.model), data_state["spec"], "model"))
+    net = instantiate(stored.adapter)(net)  # adapter runs: the checkpoint holds what trained on top of the base
     load_weights(net, state[ck.MODEL])
     net.to(device).eval()
     return {"samples": DECODERS[target](net, data_state, cfg), "checkpoint": str(path)}

@@ -62,8 +62,9 @@ def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
         if engine.ema is not None else {},
         ck.LOGGERS: engine.loggers.state() if engine.loggers is not None else engine.logger_state,
     }
-    if hasattr(engine.data, "state_dict"):  # e.g. a tokenizer built from the training text
-        state[ck.DATA] = engine.data.state_dict()
+    # what the data said about itself, and what the model depends on (e.g. a tokenizer built from the training text):
+    # commands such as nnctl generate rebuild model and tokenizer from the checkpoint alone
+    state[ck.DATA] = {"spec": engine.spec, **(engine.data.state_dict() if hasattr(engine.data, "state_dict") else {})}
     if adapters.is_adapted(engine.net):  # the weights above need this base to mean anything
         state[ck.BASE] = base_reference(engine)
     return state

@@ -316,6 +316,8 @@ RULES: list[Rule] = [
     Rule("num_samples", INT, lambda v: v >= 1, "an integer >= 1"),
     Rule("seed", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("kv_cache", BOOL, None, "true or false"),
+    Rule("input", STR + NUM, None, "the text a sequence-to-sequence model decodes, e.g. input=\"31415\"", nullable=True),
+    Rule("beam", INT, lambda v: v >= 1, "an integer >= 1 (1 = greedy), e.g. beam=4"),
     Rule("device", STR, _device, "auto, cpu, cuda, cuda:N or mps"),
 ]
 

@@ -370,3 +370,26 @@ def test_objective_options_build_for_their_data(objective: str, data: list[str],
     assert type(engine.objective).__name__ == cls
     loss, sums = engine.objective.training_step(engine.model, next(engine.data.train_batches(0, 0)))
     assert torch.isfinite(loss) and sums
+
+
+def test_generate_decodes_a_seq2seq_checkpoint(runs: dict[str, Path], cli, capsys: pytest.CaptureFixture) -> None:
+    from nnctl.seq2seq_decode import decode_text
+
+    capsys.readouterr()
+    assert cli("generate", f"ckpt={runs['seq2seq']}", "input=3141", "max_new_tokens=7") == 0
+    greedy = capsys.readouterr().out.strip().splitlines()[-1]
+    assert set(greedy) <= set("0123456789") and len(greedy) <= 7
+    assert cli("generate", f"ckpt={runs['seq2seq']}", "input=3141", "max_new_tokens=7", "beam=3") == 0
+    beam = capsys.readouterr().out.strip().splitlines()[-1]
+    assert set(beam) <= set("0123456789")
+    # the same text as decode_text on the best checkpoint's weights
+    state = ck.load_checkpoint(runs["seq2seq"] / "checkpoints" / ck.BEST)
+    from hydra.utils import instantiate
+
+    from nnctl.spec import complete
+
+    model = complete(instantiate(OmegaConf.create(state[ck.CONFIG]).model), state[ck.DATA]["spec"], "model")
+    model.load_state_dict(state[ck.MODEL])
+    assert greedy == decode_text(model, state[ck.DATA], "3141", beam=1, max_len=7)
+    assert cli("generate", f"ckpt={runs['seq2seq']}") == 2  # no input: one line naming the key
+    assert "input: a sequence-to-sequence model decodes an input" in capsys.readouterr().err

@@ -99,6 +99,10 @@ class Instructions:
         return {"input": "tokens", "target": "causal_lm", "vocab_size": len(self.tokenizer), "pad_id": self.pad_id,
                 "max_len": self.max_len}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the tokenizer comes from and how prompts are shown: what nnctl generate needs to prompt the model."""
+        return {"tokenizer_path": str(self.tokenizer_path), "template": self.template}
+
     def num_batches(self, split: str) -> int:
         n = len(self.lengths[split])
         return n // self.batch_size if split == "train" else math.ceil(n / self.eval_batch_size)
