@@ -276,8 +276,8 @@ class Engine:
             if memory_format is not None:
                 self.data.memory_format = memory_format
             self.spec = dict(self.data.spec)
-        if cfg.objective != before.objective:
-            self.objective = complete(instantiate(cfg.objective), self.spec, "objective")
+        if cfg.objective != before.objective or cfg.data != before.data:  # its settings, or what the data says
+            self.objective = complete(instantiate(cfg.objective), self.spec, "objective", model=self.net)
         self.restart_schedule()  # over the stage's steps, from the stage's optimizer settings
         console.print(f"stage {stage.index + 1}/{len(self.stages)}: {stage.name}")
 

@@ -21,6 +21,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Seq2Seq(Objective):
+    monitor = ("val/acc", "max")  # exact match of greedy decoding
     def __init__(self, pad_id: int, label_smoothing: float = 0.0) -> None:
         self.pad_id, self.label_smoothing = pad_id, label_smoothing
 
