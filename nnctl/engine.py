@@ -210,7 +210,7 @@ class Engine:
                         # periodic logging: the only place the loop waits for the device
                         if self.step % t.log_every_n_steps == 0:
                             log_step(loggers, bar, task, window, self.dist.reduce(self.sums), self.optimizer,
-                                     self.optim.params, grad_norm, self.step, self.batch_in_epoch)
+                                     grad_norm, self.step, self.batch_in_epoch)
                         # a pending SIGINT/SIGTERM ends the run here, between two steps, with last.pt saved
                         if (signum := self.dist.vote_stop(self.signals.received)) is not None:
                             self._interrupt(signum)
@@ -259,8 +259,9 @@ class Engine:
             self.scaler.scale(loss / accum if accum > 1 else loss).backward()  # no extra node at accum 1
             losses["loss" if name == "main" else f"loss_{name}"] = loss
             sums.update(stats)
-            if stepping:
-                grad_norm = self.optim.step(name, loss, self.step)
+            if stepping:  # the gradient norm is measured on logging steps only (before the gradients are cleared)
+                logging_step = (self.step + 1) % self.t.log_every_n_steps == 0
+                grad_norm = self.optim.step(name, loss, self.step, norm=logging_step)
         self.sums.add(self.objective.count(batch), sums, losses)
         return grad_norm
 

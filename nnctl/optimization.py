@@ -87,19 +87,20 @@ class Optimization:
     def first(self) -> torch.optim.Optimizer:
         return next(iter(self.optimizers.values()))
 
-    def step(self, name: str, loss: torch.Tensor, step: int) -> torch.Tensor | None:
+    def step(self, name: str, loss: torch.Tensor, step: int, norm: bool = False) -> torch.Tensor | None:
         """Clip and apply group `name`'s update (skipped on a non-finite loss or an fp16 overflow), then clear
         every group's gradients: a generator's loss also reaches the discriminator's weights. Returns the
-        gradient norm when clipping computed it."""
+        gradient norm (unscaled) when clipping computes it or `norm` asks for it (a logging step), else None."""
         opt = self.optimizers[name]
         if self._skip_nonfinite(loss, step):
             self.zero_grad()
             return None
         grad_norm = None
-        if self.t.grad_clip_norm is not None:
+        if self.t.grad_clip_norm is not None or norm:
             self.scaler.unscale_(opt)
-            grad_norm = nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                 self.t.grad_clip_norm)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            grad_norm = (nn.utils.clip_grad_norm_(params, self.t.grad_clip_norm) if self.t.grad_clip_norm is not None
+                         else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # FSDP: the norm over all shards
         self.scaler.step(opt)
         self.scaler.update()

@@ -6,7 +6,6 @@ import time
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from nnctl.metrics import Averages
 from nnctl.schedulers import current_lr
@@ -26,16 +25,14 @@ class Window:
 
 
 def log_step(tb: Any, bar: Any, task: Any, window: Window, sums: Averages, optimizer: torch.optim.Optimizer,
-             params: list[nn.Parameter], grad_norm: torch.Tensor | None, step: int, batch_in_epoch: int) -> None:
+             grad_norm: torch.Tensor | None, step: int, batch_in_epoch: int) -> None:
     """Running training losses, lr, gradient norm and throughput to TensorBoard and the progress bar."""
-    if grad_norm is None:
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     samples_per_s = window.rate(step)  # since the last log
     running = sums.means("train/")
     losses = {f"{k}_running": v for k, v in running.items() if k.startswith("train/loss")}
-    scalars = {**losses, "lr": current_lr(optimizer), "train/grad_norm": float(grad_norm),
-               "train/samples_per_s": samples_per_s}
+    scalars = {**losses, "lr": current_lr(optimizer), "train/samples_per_s": samples_per_s}
+    if grad_norm is not None:  # None when the update was skipped (a non-finite loss)
+        scalars["train/grad_norm"] = float(grad_norm)
     tb.scalars(scalars, step)
     shown = "  ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in running.items() if k.startswith("train/loss"))
     bar.update(task, completed=batch_in_epoch,

@@ -255,3 +255,9 @@ def test_debug_overfit_drives_one_batch_loss_to_zero(cli: Callable[..., int], tm
     losses = scalars(run, "train/loss")
     assert len(losses) == 60 and losses[0] > 1.0 and losses[-1] < 0.05
     assert metrics_of(run)["val"]["acc"] == 1.0  # val is the same batch
+
+
+def test_gradient_norm_is_logged_before_the_gradients_are_cleared(cli: Callable[..., int], tmp_path: Path) -> None:
+    assert cli("train", *TINY, "trainer.max_epochs=1", "trainer.log_every_n_steps=5") == 0
+    norms = scalars(only_run(tmp_path), "train/grad_norm")
+    assert norms and all(math.isfinite(v) and v > 0 for v in norms)  # measured, not the norm of cleared grads
