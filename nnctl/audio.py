@@ -160,3 +160,22 @@ def write_wavs(waves: torch.Tensor, sample_rate: int, directory: Path, names: Se
         sf.write(str(path), wave, sample_rate, subtype="PCM_16")
         paths.append(path)
     return paths
+
+
+def spectrogram_view(images: torch.Tensor) -> torch.Tensor:
+    """Log-mel images [B, 1, n_mels, T] with the lowest band at the bottom, as spectrograms are drawn."""
+    return images.flip(-2)
+
+
+def write_clips(images: torch.Tensor, spec: dict[str, Any], labels: torch.Tensor | None, directory: Path,
+                iters: int = 32, seed: int = 0) -> list[Path]:
+    """Generated log-mel images [B, 1, n_mels, T] in [0, 1] -> `directory/NNNN[_class].wav` at the data's sample
+    rate and clip length, through Griffin-Lim with phases from `seed`."""
+    settings = spec["frontend"]
+    transform = frontend(settings).to(images.device)
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    waves = transform.to_waveform(images, spec["num_samples"], iters, gen)  # [B, samples]
+    classes = spec["classes"]
+    names = [f"{i:04d}" + ("" if labels is None else f"_{classes[int(c)]}")
+             for i, c in enumerate(labels if labels is not None else [None] * len(waves))]
+    return write_wavs(waves, int(settings["sample_rate"]), directory, names)

@@ -285,9 +285,3 @@ class AudioTones(AudioData):
 
         return {"train": make(self.count), "test": make(max(len(self.kinds), self.count // 4))}, self.kinds
 
-
-def clip_names(labels: Sequence[int] | None, classes: Sequence[str], n: int) -> list[str]:
-    """File stems for n generated clips: index and class name when labelled."""
-    if labels is None:
-        return [f"{i:04d}" for i in range(n)]
-    return [f"{i:04d}_{classes[int(c)]}" for i, c in enumerate(labels)]
