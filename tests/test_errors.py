@@ -207,6 +207,20 @@ CASES = [
                                                                  r"data\.root=\.\.\."),
     case("image-folder-no-classes", ["train", "data=image_folder", "data.root={files}/no_classes"],
          r"data\.root: .*no_classes has no class folders; expected .*/<class>/<image files>"),
+    case("audio-folder-no-audio", ["train", "data=audio_folder", "data.root={files}/no_audio"],
+         r"data\.root: no readable audio files \(\.wav, \.flac, \.ogg\) under .*no_audio/<class>/"),
+    case("audio-folder-no-classes", ["train", "data=audio_folder", "data.root={files}/no_classes"],
+         r"data\.root: .*no_classes has no class folders; expected .*/<class>/<audio files>"),
+    case("audio-representation-unknown", ["train", "data=audio_tones", "data.representation=mfcc"],
+         r"data\.representation: got 'mfcc'; expected waveform or logmel"),
+    case("audio-sample-rate-zero", ["train", "data=audio_tones", "data.sample_rate=0"],
+         r"data\.sample_rate: got 0; expected an integer >= 1"),
+    case("audio-too-many-tone-kinds", ["train", "data=audio_tones", "data.num_classes=9"],
+         r"data\.num_classes: got 9; audio_tones has 2 to 8 kinds of sound"),
+    case("audio-mels-above-bins", ["train", "data=audio_tones", "data.frontend.n_fft=16", "model=audio_cnn"],
+         r"data\.frontend\.n_mels: got n_mels=32 mel bands from only 9 frequency bins"),
+    case("audio-model-on-images", ["train", "data=digits", "model=audio_cnn"],
+         r"model: the model needs frontend, num_samples, which the data does not provide"),
     case("image-folder-not-a-dir", ["train", "data=image_folder", "data.root={files}/nowhere"],
          r"data\.root: .*nowhere is not a directory"),
     case("output-dir-not-writable", ["train", "paths.output_dir={files}/afile/outputs"],
@@ -352,25 +366,25 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (files / "empty_root").mkdir()
     (files / "no_classes").mkdir()
     (files / "no_classes" / "readme.txt").write_text("images go in class folders\n")
+    (files / "no_audio" / "speech").mkdir(parents=True)
+    (files / "no_audio" / "speech" / "notes.txt").write_text("recordings go here\n")
     (files / "afile").write_text("a regular file where a directory is expected\n")
-    return {"run": run, "files": files, "gan": base / "gan", "ddpm": base / "ddpm",  # type: ignore[dict-item]
-            "digests": _digests(base)}
     (files / "empty.txt").write_bytes(b"")
     (files / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
     lm = base / "lm"  # a tiny language model
     assert main(["train", "data=text", "model=gpt", "model.n_layer=1", "model.n_embd=16", "data.block_size=16",
                  "data.batches_per_epoch=2", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
                  "trainer.device=cpu", "trainer.progress=false", f"paths.root_dir={base}", f"hydra.run.dir={lm}"]) == 0
-    return {"run": run, "lm": lm, "files": files, "digests": _digests(base)}  # type: ignore[dict-item]
+    return {"run": run, "lm": lm, "files": files, "gan": base / "gan", "ddpm": base / "ddpm",  # type: ignore[dict-item]
+            "digests": _digests(base)}
 
 
 @pytest.mark.parametrize("argv, code, pattern", CASES)
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], code: int, pattern: str, crafted: dict,
                                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
-    places = {"run": crafted["run"], "files": crafted["files"], "tmp": tmp_path, "gan": crafted["gan"],
-              "ddpm": crafted["ddpm"]}
-    places = {"run": crafted["run"], "lm": crafted["lm"], "files": crafted["files"], "tmp": tmp_path}
+    places = {"run": crafted["run"], "lm": crafted["lm"], "files": crafted["files"], "tmp": tmp_path,
+              "gan": crafted["gan"], "ddpm": crafted["ddpm"]}
     args = [a.format(**places) for a in argv]
     assert main(args) == code
     err = capsys.readouterr().err
