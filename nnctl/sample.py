@@ -116,6 +116,16 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         images = _interpolate(model, n, gen, labels)
     else:
         images = _reconstruct(engine, n)
+    audio = "frontend" in engine.spec and cfg.mode == "sample"  # log-mel images of a data=audio_* logmel run
+    if audio:
+        from nnctl.audio import spectrogram_view, write_clips
+
+        if labels is None and getattr(model, "conditional", False):  # the classes model.sample cycled through
+            labels = torch.arange(n, device=device) % model.num_classes
+        wav_dir = Path(cfg.get("wav_dir") or Path(cfg.out).with_suffix(""))
+        write_clips(images, engine.spec, labels, wav_dir, int(cfg.get("griffin_lim_iters", 32)), int(cfg.seed))
+        console.print(f"nnctl sample: wrote {len(images)} .wav file(s) to {wav_dir}")
+        images = spectrogram_view(images)
     if cfg.out_dir:
         for i, image in enumerate(images):
             save_png(image, Path(cfg.out_dir) / f"{i:04d}.png")
@@ -127,7 +137,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         save_png(grid(images, nrow), Path(cfg.out))
         where = str(cfg.out)
     console.print(f"nnctl sample: wrote {len(images)} image(s) to {where}")
-    return {"images": len(images), "out": where}
+    return {"images": len(images), "out": where, **({"wav_dir": str(wav_dir)} if audio else {})}
 
 
 def quality(engine: Any, eval_cfg: DictConfig) -> dict[str, float]:

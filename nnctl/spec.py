@@ -21,6 +21,7 @@ INPUT_KINDS = {
     "tokens": "token sequences (data=text, text_classification, sequence_tasks)",
     "sequence": "real-valued sequences (data=sequence_tasks data.task=sum_last_k)",
     "features": "feature vectors (data=tabular)",
+    "audio": "waveforms [samples] (data=audio_folder, audio_tones)",
 }
 
 

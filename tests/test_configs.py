@@ -40,7 +40,8 @@ GROUPS = groups()
 ALL_OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
 # Options of other families, built and trained end to end in their own tests (tests/test_generative.py,
 # tests/test_finetune.py, ...) rather than by the image-classifier checks below.
-OTHER_FAMILIES = {"data": {"instructions", "text"}, "model": {"gan", "vae", "diffusion", "hf_causal_lm", "gpt"},
+OTHER_FAMILIES = {"data": {"instructions", "text", "audio_folder", "audio_tones"},  # audio: tests/test_audio.py
+                  "model": {"gan", "vae", "diffusion", "hf_causal_lm", "gpt", "audio_cnn", "audio_resnet"},
                   "objective": {"gan", "vae", "diffusion", "causal_lm", "language_model"},
                   "experiment": {"instruct_qlora", "char_gpt"}}
 

@@ -213,6 +213,20 @@ CASES = [
                                                                  r"data\.root=\.\.\."),
     case("image-folder-no-classes", ["train", "data=image_folder", "data.root={files}/no_classes"],
          r"data\.root: .*no_classes has no class folders; expected .*/<class>/<image files>"),
+    case("audio-folder-no-audio", ["train", "data=audio_folder", "data.root={files}/no_audio"],
+         r"data\.root: no readable audio files \(\.wav, \.flac, \.ogg\) under .*no_audio/<class>/"),
+    case("audio-folder-no-classes", ["train", "data=audio_folder", "data.root={files}/no_classes"],
+         r"data\.root: .*no_classes has no class folders; expected .*/<class>/<audio files>"),
+    case("audio-representation-unknown", ["train", "data=audio_tones", "data.representation=mfcc"],
+         r"data\.representation: got 'mfcc'; expected waveform or logmel"),
+    case("audio-sample-rate-zero", ["train", "data=audio_tones", "data.sample_rate=0"],
+         r"data\.sample_rate: got 0; expected an integer >= 1"),
+    case("audio-too-many-tone-kinds", ["train", "data=audio_tones", "data.num_classes=9"],
+         r"data\.num_classes: got 9; audio_tones has 2 to 8 kinds of sound"),
+    case("audio-mels-above-bins", ["train", "data=audio_tones", "data.frontend.n_fft=16", "model=audio_cnn"],
+         r"data\.frontend\.n_mels: got n_mels=32 mel bands from only 9 frequency bins"),
+    case("audio-model-on-images", ["train", "data=digits", "model=audio_cnn"],
+         r"model: the model needs frontend, num_samples, which the data does not provide"),
     case("image-folder-not-a-dir", ["train", "data=image_folder", "data.root={files}/nowhere"],
          r"data\.root: .*nowhere is not a directory"),
     # -- text, tables and sequence tasks -------------------------------------------------------------------------
@@ -390,6 +404,8 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (files / "empty_root").mkdir()
     (files / "no_classes").mkdir()
     (files / "no_classes" / "readme.txt").write_text("images go in class folders\n")
+    (files / "no_audio" / "speech").mkdir(parents=True)
+    (files / "no_audio" / "speech" / "notes.txt").write_text("recordings go here\n")
     (files / "afile").write_text("a regular file where a directory is expected\n")
     (files / "empty.csv").write_bytes(b"")
     (files / "one_class.csv").write_text("text,label\nbuy now,spam\ncheap pills,spam\n")
