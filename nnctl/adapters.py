@@ -30,7 +30,6 @@ COMPUTE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": t
 
 def full(model: nn.Module) -> nn.Module:
     """Train every parameter of the model as built."""
-    report(model)
     return model
 
 
@@ -53,7 +52,6 @@ def _inject(model: nn.Module, fingerprint: str, r: int, alpha: float, dropout: f
     with _quiet():
         net = peft.get_peft_model(model, config)
     net.nnctl_base_fingerprint = fingerprint  # checked when the adapter weights are loaded again
-    report(net)
     return net
 
 

@@ -70,12 +70,14 @@ def train(cfg: DictConfig, run_dir: Path, state: dict[str, Any] | None, plan: st
     job's ranks or the only one."""
     from nnctl import checkpoint as ck
     from nnctl.engine import Engine
+    from nnctl.adapters import report
     from nnctl.reporting import print_model_summary
     from nnctl.resume import continuation
 
     engine = Engine(cfg, run_dir, progress=(state[ck.EPOCH], state[ck.BATCH_IN_EPOCH]) if state else (0, 0))
     try:
         print_model_summary(engine.net)
+        report(engine.net)  # trainable vs total parameters, bytes of a frozen base
         if state is not None:
             engine.load_state_dict(state, full=True)
             if (plan or continuation(cfg, state)) == "replan":
@@ -319,8 +321,8 @@ def _report_jobs(command: str) -> int:
             from nnctl.sweep_summary import report
 
             report(Path(sweep_dir), [Path(j["dir"]) for j in JOBS])  # lists the failed jobs with the others
-            console.print(f"sweep: {ok} of {len(JOBS)} job(s) finished; summary.csv and summary.json in {sweep_dir}",
-                          markup=False)
+            console.print(f"sweep: {ok} of {len(JOBS)} job(s) finished" + (f", {len(failed)} failed" if failed else "")
+                          + f"; summary.csv and summary.json in {sweep_dir}", markup=False)
             return 1 if failed else 0
         console.print(f"sweep: {ok} of {len(JOBS)} job(s) finished" + (f", {len(failed)} failed:" if failed else ""))
         for j in failed:

@@ -113,9 +113,9 @@ def _space(search: DictConfig) -> dict[str, dict[str, Any]]:
 def check_space(space: dict[str, dict[str, Any]], base: DictConfig, sampler: str) -> None:
     """Every parameter names a key of the trial config (or a config group) and has a non-empty range."""
     from nnctl.commands import GROUPS, _did_you_mean, _options
-    from nnctl.reporting import _flatten
+    from nnctl.loggers.base import flatten
 
-    keys = [k for k, _ in _flatten(OmegaConf.to_container(base, resolve=False))]
+    keys = [k for k, _ in flatten(OmegaConf.to_container(base, resolve=False))]
     for name, p in space.items():
         key = f"search.params.{name}"
         if not isinstance(p, dict) or p.get("type") not in SUGGEST:

@@ -186,7 +186,7 @@ def test_resume_continues_the_same_tracker_runs(tmp_path: Path) -> None:
     run = fx.run_dirs(tmp_path)[0]
     saved = ck.load_checkpoint(run / "checkpoints" / ck.LAST)[ck.LOGGERS]
     assert set(saved) == {"mlflow", "wandb"}
-    assert main(["train", f"resume={run}", "trainer.max_epochs=2"]) == 0
+    assert main(["train", f"resume={run}", "trainer.max_epochs=2", "trainer.extend_schedule=true"]) == 0
     (mlrun,) = mlflow_runs(tmp_path)  # the same MLflow run, not a second one
     assert mlrun.info.run_id == saved["mlflow"]["run_id"] and mlrun.info.status == "FINISHED"
     assert sorted(mlflow_series(tmp_path, mlrun.info.run_id, "val/acc")) == [4, 8]  # both epochs in one history

@@ -26,12 +26,12 @@ MODES = ("padded", "packed")
 class Instructions:
     name = "instructions"
 
-    def __init__(self, path: str, tokenizer: str, batch_size: int, eval_batch_size: int, max_len: int,
+    def __init__(self, path: str, tokenizer_path: str, batch_size: int, eval_batch_size: int, max_len: int,
                  mode: str, template: str, prompt_field: str, response_field: str, val_fraction: float,
                  test_fraction: float, split_seed: int, limit: int | None = None) -> None:
         if mode not in MODES:
             raise UserError(f"got {mode!r}; expected one of {', '.join(MODES)}", key="data.mode")
-        self.path, self.tokenizer_path, self.mode, self.template = path, tokenizer, mode, template
+        self.path, self.tokenizer_path, self.mode, self.template = path, tokenizer_path, mode, template
         self.batch_size, self.eval_batch_size, self.max_len = batch_size, eval_batch_size, max_len
         self.fields = (prompt_field, response_field)
         self.val_fraction, self.test_fraction, self.split_seed, self.limit = val_fraction, test_fraction, \

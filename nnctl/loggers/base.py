@@ -170,7 +170,7 @@ def flat_params(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     or where/how it is recorded (paths, hydra, logger). Lists become strings; values are scalars or None."""
     tree = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     tree = {k: v for k, v in tree.items() if k not in NOT_HPARAMS}
-    return dict(_flatten(strip_plumbing(tree)))
+    return dict(flatten(strip_plumbing(tree)))
 
 
 def strip_plumbing(tree: Any) -> Any:
@@ -180,10 +180,10 @@ def strip_plumbing(tree: Any) -> Any:
     return tree
 
 
-def _flatten(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+def flatten(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
     if isinstance(tree, dict):
         for k, v in tree.items():
-            yield from _flatten(v, f"{prefix}{k}.")
+            yield from flatten(v, f"{prefix}{k}.")
     elif isinstance(tree, (list, tuple)):
         yield prefix[:-1], str(list(tree))
     else:

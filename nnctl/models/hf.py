@@ -72,7 +72,7 @@ def hf_causal_lm(path: str, dtype: str = "float32") -> nn.Module:
     return _load(AutoModelForCausalLM, path, "model.path", dtype=DTYPES[dtype])
 
 
-def load_tokenizer(path: str, key: str = "data.tokenizer") -> Any:
+def load_tokenizer(path: str, key: str = "data.tokenizer_path") -> Any:
     """AutoTokenizer.from_pretrained(path), with a pad token (the end-of-text token when it has none)."""
     from transformers import AutoTokenizer
 
