@@ -188,6 +188,15 @@ def test_instruction_tuning_with_qlora_end_to_end(tiny_lm: tuple[Path, Path], tm
     prompt = engine.data.template.format(prompt="Name the colour of snow.")
     text = generate_hf(engine.net, engine.data.tokenizer, prompt, max_new_tokens=6, temperature=0.0)
     assert text.strip(), "the adapter model generated nothing"
+    # nnctl generate rebuilds the same adapter model from the checkpoint alone and prints the same text
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["generate", f"ckpt={run}", "prompt=Name the colour of snow.", "temperature=0",
+                     "max_new_tokens=6", "device=cpu", f"hydra.run.dir={tmp_path / 'gen'}"]) == 0
+    assert printed.getvalue().endswith(text + "\n")
     # export merged, reload with plain transformers: same greedy tokens
     assert main(["export", f"ckpt={run}", f"out={out}", f"hydra.run.dir={tmp_path / 'ex'}"]) == 0
     plain, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from nnctl.data.base import _mix
+from nnctl.data.formats import class_folders
 from nnctl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -170,15 +171,7 @@ class AudioFolder(AudioData):
 
     def load(self) -> tuple[dict[str, Split], list[str]]:
         root = Path(str(self.root))
-        if not root.is_dir():
-            raise UserError(f"{root} is not a directory; point data.root at <root>/<class>/*.wav", key="data.root")
-        split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
-        train_dir = split_dirs.get("train", root)
-        classes = sorted(d.name for d in train_dir.iterdir()
-                         if d.is_dir() and not d.name.startswith(".") and d.name not in split_dirs)
-        if not classes:
-            raise UserError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<audio files>",
-                            key="data.root")
+        split_dirs, train_dir, classes = class_folders(root, "audio files", "*.wav")
         rates: set[int] = set()
         splits = {"train": self._read(train_dir, classes, rates)}
         splits.update({s: self._read(split_dirs[s], classes, rates) for s in ("val", "test") if s in split_dirs})

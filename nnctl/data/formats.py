@@ -80,3 +80,22 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path} has {len(images)} images but {len(labels)} labels; delete it and download again",
                         key="data.root")
     return images, labels
+
+
+def class_folders(root: Path, files: str, pattern: str) -> tuple[dict[str, Path], Path, list[str]]:
+    """The layout of a user's folder dataset: `<root>/<class>/<files>` or `<root>/{train,val,test}/<class>/`.
+
+    Returns (the split dirs present, the dir holding the training classes, the sorted class names); a missing root or
+    one without class folders is a user error naming data.root. `files` ("image files") and `pattern` ("*.png")
+    name what belongs inside, for the messages.
+    """
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory; point data.root at <root>/<class>/{pattern}", key="data.root")
+    split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    train_dir = split_dirs.get("train", root)
+    # <root>/<class>/ next to <root>/test/: the split dirs are not classes
+    classes = sorted(d.name for d in train_dir.iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and d.name not in split_dirs)
+    if not classes:
+        raise UserError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<{files}>", key="data.root")
+    return split_dirs, train_dir, classes

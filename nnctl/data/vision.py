@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from nnctl.data.base import Arrays, ImageData, to_tensor_images
-from nnctl.data.formats import load_pickle, read_cifar_batch, read_idx
+from nnctl.data.formats import class_folders, load_pickle, read_cifar_batch, read_idx
 from nnctl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -234,17 +234,7 @@ class ImageFolder(ImageData):
         self.image_size, self.channels = image_size, channels
 
     def load(self) -> Arrays:
-        root = Path(self.root)
-        if not root.is_dir():
-            raise UserError(f"{root} is not a directory; point data.root at <root>/<class>/*.png", key="data.root")
-        split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
-        train_dir = split_dirs.get("train", root)
-        # <root>/<class>/ next to <root>/test/: the split dirs are not classes
-        classes = sorted(d.name for d in train_dir.iterdir()
-                         if d.is_dir() and not d.name.startswith(".") and d.name not in split_dirs)
-        if not classes:
-            raise UserError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image files>",
-                            key="data.root")
+        split_dirs, train_dir, classes = class_folders(Path(self.root), "image files", "*.png")
         scans = {"train": self._scan(train_dir, classes)}
         scans.update({s: self._scan(split_dirs[s], classes) for s in ("val", "test") if s in split_dirs})
         # Decode everything up front when it fits (in_memory=true, or auto within max_memory_mb for all splits
