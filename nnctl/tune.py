@@ -25,6 +25,7 @@ from nnctl.sweep_summary import PRUNED_FILE
 
 log = logging.getLogger(__name__)
 JOURNAL = "study.journal"   # Optuna's journal (the study itself), in the study dir
+PRUNING_FILE = "pruning.json"  # pruned trials and the time pruning saved, in the study dir
 LOCK = ".study.lock"        # serializes "count trials, then ask" across processes
 STUDY = "nnctl"
 TUNE_ONLY = ("search", "study_dir", "hydra.")  # command-line keys that configure the search, not the trials
@@ -380,6 +381,16 @@ def tune(cfg: DictConfig, study_dir: Path, task_overrides: list[str]) -> dict[st
     summary = report(study_dir, trials) if trials else None
     from nnctl.reporting import console
 
+    pruning = pruning_report(study)
+    if pruning["pruned"]:
+        from nnctl.reporting import write_json
+
+        write_json(study_dir / PRUNING_FILE, pruning)
+        console.print(f"pruned {pruning['pruned']} of {pruning['finished']} trials after {pruning['pruned_epochs_mean']:.1f} "
+                      f"epochs on average; time saved against running them to the end: "
+                      f"~{pruning['seconds_saved'] / 60:.1f} min, {pruning['seconds_saved_fraction']:.0%} of the "
+                      f"{(pruning['seconds_total'] + pruning['seconds_saved']) / 60:.1f} min the trials would have "
+                      f"taken without pruning", markup=False)
     best = _best_trial(study)
     if best is not None:
         preset = write_preset(study_dir, best.params, search.metric, best.value, best.number)
@@ -390,8 +401,29 @@ def tune(cfg: DictConfig, study_dir: Path, task_overrides: list[str]) -> dict[st
                       soft_wrap=True)
         console.print(f"  (or copy it to configs/experiment/<name>.yaml and pass experiment=<name>)", markup=False)
         write_plots(study, study_dir, search.metric)
-    return {"study_dir": str(study_dir), "ran": ran, "summary": summary,
+    return {"study_dir": str(study_dir), "ran": ran, "summary": summary, "pruning": pruning,
             "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params}}
+
+
+def pruning_report(study: Any) -> dict[str, Any]:
+    """What pruning saved: each pruned trial would have taken as long as the study's complete trials take on
+    average (same recipe, same epochs), so the saving is that mean minus what the pruned trial actually ran."""
+    import optuna
+
+    states = optuna.trial.TrialState
+    done = [t for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+            if t.datetime_start is not None and t.datetime_complete is not None]
+    seconds = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in done}
+    complete = [seconds[t.number] for t in done if t.state == states.COMPLETE]
+    pruned = [t for t in done if t.state == states.PRUNED]
+    full = sum(complete) / len(complete) if complete else 0.0
+    saved = sum(max(0.0, full - seconds[t.number]) for t in pruned) if complete else 0.0
+    total = sum(seconds.values())
+    epochs = [max(t.intermediate_values, default=0) for t in pruned]
+    return {"finished": len(done), "pruned": len(pruned),
+            "pruned_epochs_mean": sum(epochs) / len(epochs) if epochs else 0.0,
+            "complete_trial_seconds_mean": full, "seconds_total": total, "seconds_saved": saved,
+            "seconds_saved_fraction": saved / (total + saved) if total + saved else 0.0}
 
 
 def _quote(text: str) -> str:
