@@ -56,19 +56,30 @@ def print_model_summary(model: nn.Module) -> None:
 
 
 def print_metrics(title: str, rows: dict[str, dict[str, float]]) -> None:
+    """One row per split, or one row per metric when that is too wide for the terminal (names are never cut)."""
     names = sorted({k for metrics in rows.values() for k in metrics})
     table = Table(title=title)
-    table.add_column("split")
-    for name in names:
-        table.add_column(name, justify="right")
-    for split, metrics in rows.items():
-        table.add_row(split, *(_fmt(metrics.get(n)) for n in names))
+    width = 8 + sum(max(len(n), 10) + 3 for n in names)
+    if width <= console.width:
+        table.add_column("split")
+        for name in names:
+            table.add_column(name, justify="right")
+        for split, metrics in rows.items():
+            table.add_row(split, *(_fmt(metrics.get(n)) for n in names))
+    else:
+        table.add_column("metric")
+        for split in rows:
+            table.add_column(split, justify="right")
+        for name in names:
+            table.add_row(name, *(_fmt(metrics.get(name)) for metrics in rows.values()))
     console.print(table)
 
 
 def _fmt(v: float | None) -> str:
     if v is None:
         return "-"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
     return f"{v:.4f}" if abs(v) < 1e4 else f"{v:,.0f}"
 
 
