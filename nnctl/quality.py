@@ -4,6 +4,7 @@ class-conditional samples. Computed with torchmetrics (imported here only: it ta
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -82,7 +83,9 @@ def scores(model: nn.Module, data: Any, spec: dict[str, Any], feature_ckpt: str,
             break
     n = have  # as many generated as real images
     fd = FrechetInceptionDistance(feature=features, normalize=True).to(device)
-    kid = KernelInceptionDistance(feature=features, normalize=True, subset_size=min(100, n)).to(device)
+    with warnings.catch_warnings():  # "will save all extracted features": by design, n is what the user asked for
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=features, normalize=True, subset_size=min(100, n)).to(device)
     for images in real:
         fd.update(images, real=True)
         kid.update(images, real=True)
