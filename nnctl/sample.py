@@ -35,8 +35,9 @@ def load_generator(cfg: DictConfig) -> Any:
     return engine
 
 
-def sample_options(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
-    """The sampler settings given on the command line, refused by models whose `sample` does not take them."""
+def sample_options(model: nn.Module, cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """The sampler settings given on the command line (`prefix`: where they live in the command's config),
+    refused by models whose `sample` does not take them."""
     from nnctl.spec import accepted
 
     given = {k: cfg[k] for k in ("sampler", "steps", "guidance") if cfg.get(k) is not None}
@@ -44,7 +45,7 @@ def sample_options(model: nn.Module, cfg: DictConfig) -> dict[str, Any]:
     for key in given:
         if names is not None and key not in names:
             raise UserError(f"a {type(model).__name__} has no {key} setting (only diffusion models do); drop it",
-                            key=key)
+                            key=prefix + key)
     return given
 
 
@@ -151,4 +152,5 @@ def quality(engine: Any, eval_cfg: DictConfig) -> dict[str, float]:
     n = eval_cfg.get("quality_samples", 1000)
     if not isinstance(n, int) or n < 2:
         raise UserError(f"got {n!r}; expected an integer >= 2", key="eval.quality_samples")
-    return scores(model.eval(), engine.data, engine.spec, str(eval_cfg.feature_ckpt), n, 0, engine.device)
+    return scores(model.eval(), engine.data, engine.spec, str(eval_cfg.feature_ckpt), n, 0, engine.device,
+                  **sample_options(model, eval_cfg, "eval."))

@@ -160,6 +160,15 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
+def _param(text: str) -> str:
+    """A sampled value as a person reads it (0.6576 rather than 0.6576163631721307); the CSV/JSON keep all digits."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if number.is_integer() or len(text) <= 8 else f"{number:.4g}"
+
+
 def _short(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -181,7 +190,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     for row in summary["jobs"]:
         status = {"ok": "ok", "pruned": "[yellow]pruned[/]", "incomplete": "[yellow]incomplete[/]",
                   "failed": "[red]failed[/]"}[row["status"]]
-        table.add_row(str(row["rank"]), row["job"], status, *(str(row["params"][k]) for k in summary["varied"]),
+        table.add_row(str(row["rank"]), row["job"], status, *(_param(str(row["params"][k])) for k in summary["varied"]),
                       _short(row["monitor"]), _short(row["test"]), f"{row['seconds']:.1f}")
     console.print(table, width=max(console.width, width), crop=False)
     for row in summary["jobs"]:

@@ -393,8 +393,10 @@ def tune(cfg: DictConfig, study_dir: Path, task_overrides: list[str]) -> dict[st
                       f"taken without pruning", markup=False)
     best = _best_trial(study)
     if best is not None:
-        preset = write_preset(study_dir, best.params, search.metric, best.value, best.number)
-        fixed_cli = " ".join(_quote(o) for o in fixed)
+        bases = [o.partition("=")[2] for o in fixed if o.lstrip("+").startswith("experiment=")]
+        preset = write_preset(study_dir, best.params, search.metric, best.value, best.number,
+                              bases[-1] if bases else None)
+        fixed_cli = " ".join(_quote(o) for o in fixed if not o.lstrip("+").startswith("experiment="))
         console.print(f"best trial {best.number}: {search.metric} = {best.value:.4f}; preset {preset}; use it with:",
                       markup=False)
         console.print(f"  nnctl train --config-dir {study_dir} experiment=best {fixed_cli}".rstrip(), markup=False,
@@ -439,8 +441,10 @@ def _best_trial(study: Any) -> Any:
     return study.best_trial if done else None
 
 
-def write_preset(study_dir: Path, params: dict[str, Any], metric: str, value: float, number: int) -> Path:
-    """experiment/best.yaml in the study dir: the best trial's sampled values as an experiment preset."""
+def write_preset(study_dir: Path, params: dict[str, Any], metric: str, value: float, number: int,
+                 base: str | None = None) -> Path:
+    """experiment/best.yaml in the study dir: the best trial's sampled values as an experiment preset, on top of
+    the `base` experiment the trials started from (one experiment= on a command line: a second would replace it)."""
     from nnctl.commands import GROUPS
 
     groups = {n: v for n, v in params.items() if n.replace("/", ".") in GROUPS or "/" in n}
@@ -449,8 +453,9 @@ def write_preset(study_dir: Path, params: dict[str, Any], metric: str, value: fl
         if name not in groups:
             OmegaConf.update(tree, name, v, force_add=True)  # optimizer.lr -> optimizer: {lr: ...}
     lines = ["# @package _global_", f"# Best trial {number} of the study in {study_dir}: {metric} = {value:.6g}."]
-    if groups:
-        lines += ["defaults:", *(f"  - override /{g}: {v}" for g, v in groups.items())]
+    if groups or base:
+        lines += ["defaults:", *([f"  - {base}"] if base else []),
+                  *(f"  - override /{g}: {v}" for g, v in groups.items()), "  - _self_"]
     body = OmegaConf.to_yaml(tree) if params.keys() - groups.keys() else ""
     path = study_dir / "experiment" / "best.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)

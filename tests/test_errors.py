@@ -350,6 +350,8 @@ CASES = [
          r"steps: got 101; this model was trained with a 100-step noise schedule"),
     case("sample-steps-on-a-gan", ["sample", "ckpt={gan}", "steps=10"], r"steps: a GAN has no steps setting"),
     case("sample-reconstruct-gan", ["sample", "ckpt={gan}", "mode=reconstruct"], r"mode: a GAN does not reconstruct"),
+    case("eval-guidance-on-a-gan", ["eval", "ckpt={gan}", "eval.feature_ckpt={run}", "eval.guidance=2.0"],
+         r"eval\.guidance: a .* has no guidance setting \(only diffusion models do\)"),
     case("eval-feature-ckpt-other-data", ["eval", "ckpt={gan}", "eval.feature_ckpt={run}"],
          r"eval\.feature_ckpt: .* was trained on other data \(in_shape \[3, 16, 16\] vs the generator's \[1, 8, 8\]\)"),
 ]

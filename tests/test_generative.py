@@ -155,6 +155,13 @@ def test_eval_reports_quality_in_classifier_features(runs: dict[str, Path], tmp_
         assert test["quality_samples"] == 120 and test["fd_classifier"] > 0 and math.isfinite(test["kid_classifier"])
         assert ("class_acc_of_samples" in test) == (name == "diffusion")  # conditional models only
         assert test["loss"] == pytest.approx(json.loads((runs[name] / "metrics.json").read_text())["test"]["loss"])
+    # the samples scored can be drawn with other sampler settings than the model's own
+    out = tmp_path / "eval_diffusion_guided"
+    assert main(["eval", f"ckpt={runs['diffusion']}", f"eval.feature_ckpt={clf}", "eval.quality_samples=120",
+                 "eval.steps=3", "eval.guidance=3.0", f"hydra.run.dir={out}", f"paths.root_dir={tmp_path}"]) == 0
+    guided = json.loads((out / "metrics.json").read_text())["test"]
+    plain = json.loads((tmp_path / "eval_diffusion" / "metrics.json").read_text())["test"]
+    assert guided["fd_classifier"] != pytest.approx(plain["fd_classifier"])
 
 
 def test_unconditional_diffusion_exports_a_diffusers_pipeline(tmp_path: Path) -> None:

@@ -126,6 +126,17 @@ def test_tune_prunes_bad_trials_and_writes_summary_preset_and_plots(cli: Callabl
     assert yaml.safe_load(capsys.readouterr().out)["optimizer"]["lr"] == 0.01
 
 
+def test_tune_preset_builds_on_the_experiment_the_trials_started_from(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from nnctl.tune import write_preset
+
+    write_preset(tmp_path, {"optimizer.lr": 0.123}, "val/acc", 0.9, 3, base="fashion_mnist_fast")
+    capsys.readouterr()
+    assert main(["train", "--config-dir", str(tmp_path), "experiment=best", "--cfg", "job"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["optimizer"]["lr"] == 0.123 and cfg["model"]["_target_"].endswith("AirBench")  # both apply
+
+
 def _nnctl(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "NNCTL_ROOT": str(cwd), "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "nnctl", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
