@@ -1,9 +1,12 @@
 """Adapters decide which parameters train. Each is a callable model -> model built from `adapter/<name>.yaml`.
 
 `full` trains everything. `lora`, `dora` and `qlora` go through peft: the base weights are frozen and low-rank
-updates (DoRA: plus a learned magnitude per output) are injected into the targeted layers; `qlora` first turns the
-base Linear layers into bitsandbytes 4-bit layers (NF4/FP4) and marks the model `is_loaded_in_4bit`, so peft picks
-its 4-bit LoRA layer. peft and bitsandbytes are imported only by the adapters that use them.
+updates (DoRA: plus a learned magnitude per output) are injected into the targeted layers. `qlora` needs a base
+whose Linear layers are bitsandbytes 4-bit layers (NF4/FP4). A Hugging Face model is loaded that way by
+transformers (`load_quantization` hands the settings to the model loader, which passes a `BitsAndBytesConfig`) and
+prepared with peft's `prepare_model_for_kbit_training`; nnctl's own models are quantized here and marked
+`is_loaded_in_4bit`, so peft picks its 4-bit LoRA layer for both. peft and bitsandbytes are imported only by the
+adapters that use them.
 
 An adapted model saves only what trained (`model_state`): the adapter weights, the modules trained in full (the
 head) and the buffers (BatchNorm statistics); the frozen base is rebuilt from the config (and `init_from`) and
@@ -64,20 +67,53 @@ def qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
           target_modules: str | Sequence[str] = "auto", modules_to_save: str | Sequence[str] | None = "auto",
           use_dora: bool = False, quant_type: str = "nf4", double_quant: bool = True,
           compute_dtype: str = "float32", dequantize: bool = False) -> nn.Module:
-    """Quantize the body's Linear layers to bitsandbytes 4-bit, then LoRA on top (QLoRA).
+    """LoRA on a 4-bit base (QLoRA). A model transformers loaded in 4-bit (through `load_quantization`'s settings)
+    is prepared for k-bit training; any other has the body's Linear layers quantized to bitsandbytes 4-bit here.
 
     `dequantize` keeps the base as float layers holding the 4-bit weights' values (what `nnctl export merge=true`
-    builds, so the adapters merge into exactly the weights they were trained on)."""
+    builds, so the adapters merge into exactly the weights they were trained on). The base fingerprint is taken
+    of the 4-bit weights either way: transformers and `quantize_4bit` produce the same bytes."""
+    dtype = _quantization_settings(quant_type, compute_dtype)
+    save = _modules_to_save(model, modules_to_save)
+    if getattr(model, "is_loaded_in_4bit", False):  # transformers quantized it while loading
+        from peft import prepare_model_for_kbit_training
+
+        fingerprint = weights_fingerprint(model)
+        # freezes the base and upcasts fp16/bf16 norms to fp32; activation recomputation is left to
+        # trainer.grad_checkpointing, as for every other model
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        replaced = quantize_4bit(model, _head_names(model, save), quant_type, double_quant, dtype)
+        fingerprint = weights_fingerprint(model)
+        if dequantize:
+            dequantize_4bit(model, replaced)
+        else:
+            model.is_loaded_in_4bit = True  # how peft recognizes a 4-bit model (transformers sets it for its own)
+    return _inject(model, fingerprint, r, alpha, dropout, target_modules, modules_to_save, use_dora)
+
+
+def load_quantization(adapter: Callable[..., nn.Module], init_from: str | None = None) -> dict[str, Any]:
+    """{"quantization": 4-bit settings} for a model loader that quantizes while loading (model=hf_causal_lm passes
+    them to transformers as a BitsAndBytesConfig): adapter=qlora's, except in its dequantized export form and when
+    `init_from` weights still have to be loaded into the float model; else {}. A model whose constructor does not
+    take `quantization` is quantized by `qlora` itself."""
+    func, options = getattr(adapter, "func", adapter), getattr(adapter, "keywords", {})
+    if func is not qlora or options.get("dequantize", False) or init_from is not None:
+        return {}
+    quant_type = options.get("quant_type", "nf4")
+    return {"quantization": {"quant_type": quant_type, "double_quant": options.get("double_quant", True),
+                             "compute_dtype": _quantization_settings(quant_type,
+                                                                     options.get("compute_dtype", "float32"))}}
+
+
+def _quantization_settings(quant_type: str, compute_dtype: str) -> torch.dtype:
+    """Check qlora's 4-bit settings; the compute dtype as a torch dtype."""
     if quant_type not in QUANT_TYPES:
         raise UserError(f"got {quant_type!r}; expected one of {', '.join(QUANT_TYPES)}", key="adapter.quant_type")
     if compute_dtype not in COMPUTE_DTYPES:
         raise UserError(f"got {compute_dtype!r}; expected one of {', '.join(COMPUTE_DTYPES)}",
                         key="adapter.compute_dtype")
-    fingerprint = weights_fingerprint(model)  # of the unquantized base, as the other adapters record it
-    save = _modules_to_save(model, modules_to_save)
-    quantize_4bit(model, _head_names(model, save), quant_type, double_quant, COMPUTE_DTYPES[compute_dtype],
-                  dequantize)
-    return _inject(model, fingerprint, r, alpha, dropout, target_modules, modules_to_save, use_dora)
+    return COMPUTE_DTYPES[compute_dtype]
 
 
 # -- 4-bit base layers ------------------------------------------------------------------------------------------------
@@ -87,9 +123,9 @@ def _linear_like(module: nn.Module) -> bool:
 
 
 def quantize_4bit(model: nn.Module, skip: set[str], quant_type: str, double_quant: bool,
-                  compute_dtype: torch.dtype, dequantize: bool = False) -> None:
-    """Replace every Linear outside `skip` (the heads) by a bitsandbytes Linear4bit holding the same weights;
-    with `dequantize`, put the 4-bit values back into a float layer of the original type instead."""
+                  compute_dtype: torch.dtype) -> dict[str, nn.Module]:
+    """Replace every Linear outside `skip` (the heads) by a bitsandbytes Linear4bit holding the same weights, as
+    transformers' BitsAndBytesConfig loading does. Returns the float layers replaced, by name."""
     import bitsandbytes as bnb
 
     names = [n for n, m in model.named_modules() if _linear_like(m) and not _under(n, skip)]
@@ -98,6 +134,7 @@ def quantize_4bit(model: nn.Module, skip: set[str], quant_type: str, double_quan
         raise UserError(f"qlora quantizes Linear layers and {type(model).__name__} has none outside its head "
                         f"(its layers: {', '.join(layers)}); use adapter=lora, which also adapts Conv layers",
                         key="adapter")
+    replaced = {}
     for name in names:
         parent, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)
@@ -110,14 +147,22 @@ def quantize_4bit(model: nn.Module, skip: set[str], quant_type: str, double_quan
         if old.bias is not None:
             new.bias = nn.Parameter(old.bias.data.float(), requires_grad=False)
         new.to(weight.device)  # quantizes now (bnb does it on .to)
-        if dequantize:
-            values = bnb.functional.dequantize_4bit(new.weight.data, new.weight.quant_state).float()  # [out, in]
-            old.weight.data = values if isinstance(old, nn.Linear) else values.t().contiguous()
-            continue
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
-    if not dequantize:
-        model.is_loaded_in_4bit = True  # how peft recognizes a 4-bit model (transformers sets it for its own)
+        replaced[name] = old
     log.info("qlora: %d Linear layer(s) quantized to 4-bit %s", len(names), quant_type)
+    return replaced
+
+
+def dequantize_4bit(model: nn.Module, replaced: dict[str, nn.Module]) -> None:
+    """Put the float layers `quantize_4bit` replaced back, holding the 4-bit weights' values."""
+    import bitsandbytes as bnb
+
+    for name, old in replaced.items():
+        parent, _, leaf = name.rpartition(".")
+        new = model.get_submodule(name)
+        values = bnb.functional.dequantize_4bit(new.weight.data, new.weight.quant_state).float()  # [out, in]
+        old.weight.data = values if isinstance(old, nn.Linear) else values.t().contiguous()
+        setattr(model.get_submodule(parent) if parent else model, leaf, old)
 
 
 # -- what trains --------------------------------------------------------------------------------------------------

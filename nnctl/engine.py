@@ -19,9 +19,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nnctl import checkpoint as ck
-from nnctl import distributed, run_state
+from nnctl import adapters, distributed, run_state
 from nnctl.ema import EMA
-from nnctl.finetune import starting_point
+from nnctl.finetune import starting_point, unfreezing
 from nnctl.errors import Interrupted, UserError
 from nnctl.interrupts import SignalFlag
 from nnctl.metrics import Averages
@@ -55,11 +55,15 @@ class Engine:
         self.data = self.dist.build_data(cfg.data).setup(self.device)  # yields this rank's share of each batch
         self.spec: dict[str, Any] = dict(self.data.spec)
         _check_image_features(cfg, self.spec)
-        net = complete(instantiate(cfg.model), self.spec, "model")
+        adapter = instantiate(cfg.adapter)
+        # qlora's 4-bit settings, for a model loader that quantizes as it loads (Hugging Face: BitsAndBytesConfig)
+        net = complete(instantiate(cfg.model), self.spec, "model",
+                       **adapters.load_quantization(adapter, cfg.get("init_from")))
         if hasattr(net, "init_from_data"):  # data-dependent initialization (e.g. patch whitening)
             net.to(self.device).init_from_data(self.data.sample_images(t.init_samples))
         net, self.base = starting_point(cfg, net)  # init_from weights, finetune.freeze / lr_mult
-        self.net: nn.Module = instantiate(cfg.adapter)(net).to(self.device)  # the module whose weights we save
+        self.net: nn.Module = adapter(net).to(self.device)  # the module whose weights we save
+        self.unfreezing = unfreezing(cfg, self.net, self.dist.world)  # finetune.unfreeze_schedule (no-op without)
         if t.grad_checkpointing:
             from nnctl.models import checkpoint_blocks
 
@@ -83,7 +87,8 @@ class Engine:
         self.sums = Averages()
         self.optim: Optimization | None = None
         self.signals = SignalFlag()
-        self.epoch_hooks: list[Any] = []  # called as hook(engine, metrics) after each epoch's checkpoint
+        # called as hook(engine, metrics) after each epoch's checkpoint; the first unfreezes what the next epoch trains
+        self.epoch_hooks: list[Any] = [self.unfreezing.after_epoch]
         self.loggers: Loggers | None = None  # the experiment trackers, while fit runs
         self.logger_state: dict[str, Any] = {}  # their run ids from a checkpoint, to continue the same runs
 
@@ -138,14 +143,15 @@ class Engine:
         if n < t.grad_accum_steps:
             raise UserError(f"an epoch has {n} batch(es), fewer than trainer.grad_accum_steps={t.grad_accum_steps}; "
                             "lower data.batch_size or the accumulation", key="trainer.grad_accum_steps")
-        groups = self.objective.optimizer_groups(self.net)
-        if len(groups) > 1 and t.grad_accum_steps > 1:
-            raise UserError(f"this objective updates {', '.join(groups)} in turn every batch, which gradient "
-                            "accumulation cannot split; set trainer.grad_accum_steps=1 and raise data.batch_size",
-                            key="trainer.grad_accum_steps")
-        self.optim = Optimization(self.cfg, groups, self.device, self.scaler, t,
-                                  self.total_steps() if total_steps is None else total_steps, n // t.grad_accum_steps,
-                                  self.dist, self.net)
+        with self.unfreezing.all_trainable(self.net):  # parameters unfrozen later have their groups from the start
+            groups = self.objective.optimizer_groups(self.net)
+            if len(groups) > 1 and t.grad_accum_steps > 1:
+                raise UserError(f"this objective updates {', '.join(groups)} in turn every batch, which gradient "
+                                "accumulation cannot split; set trainer.grad_accum_steps=1 and raise "
+                                "data.batch_size", key="trainer.grad_accum_steps")
+            self.optim = Optimization(self.cfg, groups, self.device, self.scaler, t,
+                                      self.total_steps() if total_steps is None else total_steps,
+                                      n // t.grad_accum_steps, self.dist, self.net)
 
     def restart_schedule(self, total_steps: int | None = None) -> None:
         """Fresh optimizers and schedules from the config in force (planned over `total_steps`), keeping the

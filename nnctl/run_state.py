@@ -94,6 +94,7 @@ def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None
     engine.optim.load_state_dict(state[ck.OPTIMIZER], state[ck.SCHEDULER])
     engine.scaler.load_state_dict(state[ck.SCALER])
     engine.epoch, engine.step, engine.batch_in_epoch = state[ck.EPOCH], state[ck.STEP], state[ck.BATCH_IN_EPOCH]
+    engine.unfreezing.apply(engine.net, engine.epoch)  # what trains depends on the epoch alone
     trackers = state[ck.TRACKERS]
     engine.best.load_state_dict(trackers["best"])
     engine.stopper.load_state_dict(trackers["early_stopping"])

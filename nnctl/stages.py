@@ -23,7 +23,7 @@ from nnctl.errors import UserError
 
 # What defines the trained model and the meaning of its checkpoint state cannot change between stages.
 FIXED = ("model", "adapter", "precision", "optimizer._target_", "scheduler._target_", "objective._target_",
-         "trainer.max_epochs", "trainer.max_steps", "trainer.seed", "trainer.device", "trainer.ema", "stages",
+         "init_from", "finetune", "trainer.max_epochs", "trainer.max_steps", "trainer.seed", "trainer.device", "trainer.ema", "stages",
          "resume", "paths", "hydra", "command")
 
 

@@ -313,6 +313,8 @@ RULES: list[Rule] = [
     Rule("finetune.freeze", LIST, None, "a list of regexes, e.g. finetune.freeze=[features]"),
     Rule("finetune.lr_mult", DICT, None, "a mapping regex -> number, e.g. finetune.lr_mult={features:0.1}",
          nullable=True),
+    Rule("finetune.unfreeze_schedule", LIST, None, "a list of {epoch: E, unfreeze: [regex, ...]}, e.g. "
+         "finetune.unfreeze_schedule=[{epoch:0,unfreeze:[head]},{epoch:2,unfreeze:['.*']}]", nullable=True),
     # -- eval -----------------------------------------------------------------------------------------------------
     Rule("eval.tta", BOOL + STR, _tta, _tta_modes, nullable=True),
     Rule("eval.worst_k", INT, lambda v: v >= 0, "an integer >= 0 (0 = no worst_k.png)"),

@@ -298,9 +298,30 @@ CASES = [
          r"adapter: qlora quantizes Linear layers and CNN has none outside its head .*use adapter=lora"),
     case("hf-path-not-a-model", ["train", "model=hf_causal_lm", "model.path={files}/emptydir", "trainer.device=cpu"],
          r"model\.path: .*emptydir is not a Hugging Face model folder \(no config\.json\)"),
+    case("hf-max-len-beyond-positions", ["train", "model=hf_causal_lm", "model.path={files}/tiny_lm",
+                                         "data=instructions", "data.path={files}/records.jsonl", "data.max_len=65",
+                                         "trainer.device=cpu"],
+         r"data\.max_len: 65 tokens per row exceed the 64 positions of .*tiny_lm \(GPT2Config\); set "
+         r"data\.max_len=64 or lower"),
     case("init-from-missing", ["train", *TINY, "init_from={files}/nowhere.pt"],
          r"init_from: .*nowhere\.pt does not exist; pass the nnctl checkpoint"),
     case("data-classes-unknown", ["train", *TINY, "data.classes=[0,99]"], r"data\.classes: unknown class 99"),
+    case("paged-optimizer-on-cpu", ["train", *TINY, "optimizer=paged_adamw8bit"],
+         r"optimizer: paged optimizers need a CUDA device \(parameters are on cpu\); use optimizer=adamw8bit"),
+    case("unfreeze-matches-nothing", ["train", *TINY, "finetune.unfreeze_schedule=[{{epoch: 0, unfreeze: [neck]}}]"],
+         r"finetune\.unfreeze_schedule\[0\]\.unfreeze: 'neck' matches no parameter; module names start with: "
+         r"blocks, head"),
+    case("unfreeze-epochs-not-increasing", ["train", *TINY, "finetune.unfreeze_schedule=[{{epoch: 0, unfreeze: "
+                                            "[head]}}, {{epoch: 2, unfreeze: [blocks]}}, {{epoch: 2, unfreeze: ['.*']}}]"],
+         r"finetune\.unfreeze_schedule: epochs must increase from entry to entry: epoch 2 follows epoch 2"),
+    case("unfreeze-first-epoch-not-0", ["train", *TINY, "finetune.unfreeze_schedule=[{{epoch: 1, unfreeze: [head]}}]"],
+         r"finetune\.unfreeze_schedule: the first entry is at epoch 1, so nothing would train before it"),
+    case("unfreeze-entry-shape", ["train", *TINY, "finetune.unfreeze_schedule=[{{after: 0, unfreeze: [head]}}]"],
+         r"finetune\.unfreeze_schedule\[0\]: got \{'after': 0, 'unfreeze': \['head'\]\}; each entry is "
+         r"\{epoch: E, unfreeze: \[regex, \.\.\.\]\}"),
+    case("unfreeze-with-adapter", ["train", *TINY, "adapter=lora",
+                                   "finetune.unfreeze_schedule=[{{epoch: 0, unfreeze: ['.*']}}]"],
+         r"finetune\.unfreeze_schedule: progressive unfreezing trains base weights, which an adapter keeps frozen"),
     # -- language models ---------------------------------------------------------------------------------------------
     case("text-missing-file", ["train", "data=text", "model=gpt", "data.path={files}/nowhere.txt"],
          r"data\.path: .*nowhere\.txt does not exist; pass a text file, or data\.path=null for the bundled corpus"),
@@ -403,6 +424,10 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cfg.objective = {"_target_": "nnctl.objectives.Objective", "_partial_": True}  # not a classifier's objective
     ck.save_checkpoint({**state, ck.CONFIG: OmegaConf.to_yaml(cfg)}, files / "regression.pt")
     (files / "emptydir").mkdir()
+    import fixtures as fx
+
+    fx.make_hf_causal_lm(files / "tiny_lm")  # GPT-2 with 64 positions
+    fx.write_instructions(files / "records.jsonl", copies=4)
     (files / "empty_root").mkdir()
     (files / "no_classes").mkdir()
     (files / "no_classes" / "readme.txt").write_text("images go in class folders\n")

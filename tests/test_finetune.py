@@ -104,6 +104,29 @@ def test_lr_mult_and_freeze_make_their_own_groups(tmp_path: Path) -> None:
     assert all(id(p) not in held for p in engine.net.blocks[1].parameters())
 
 
+@pytest.mark.parametrize("optimizer, lr", [("adamw8bit", 0.01), ("lion8bit", 0.01)])
+def test_8bit_optimizers_train_with_8bit_state(optimizer: str, lr: float, tmp_path: Path) -> None:
+    engine = _engine([*MLP, f"optimizer={optimizer}", f"optimizer.lr={lr}", "trainer.max_epochs=1",
+                      "trainer.limit_train_batches=10"], tmp_path / "run")
+    before = engine.evaluate("val")["val/loss"]
+    assert engine.fit()["val"]["loss"] < 0.85 * before  # 2.30 -> 1.80 (adamw8bit), 1.60 (lion8bit) in 10 steps
+    first = engine.optimizer.state[engine.net.blocks[0].linear.weight]  # 64 x 64: large enough for 8-bit state
+    assert first["state1"].dtype == torch.uint8
+    assert ck.load_checkpoint(tmp_path / "run" / "checkpoints" / ck.LAST)[ck.OPTIMIZER]["main"]["state"]
+
+
+def test_8bit_optimizer_missing_from_bitsandbytes_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitsandbytes.optim
+
+    from nnctl.errors import UserError
+    from nnctl.optim import lion8bit
+
+    monkeypatch.delattr(bitsandbytes.optim, "Lion8bit")
+    with pytest.raises(UserError, match=r"^optimizer: bitsandbytes \S+ has no Lion8bit \(optimizer=lion8bit\); "
+                                        r"pip install -U 'bitsandbytes>=0.50', or use optimizer=adamw$"):
+        lion8bit([{"params": [torch.nn.Parameter(torch.zeros(2))]}], lr=1e-3)
+
+
 def test_adapter_checkpoint_refuses_a_changed_or_missing_base(pretrained: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     import shutil
@@ -126,16 +149,23 @@ def test_adapter_checkpoint_refuses_a_changed_or_missing_base(pretrained: Path, 
     assert "\n" not in err and "base.pt does not exist" in err and "needs the base checkpoint" in err
 
 
-LORA_CNN = ["data=digits", "data.batch_size=32", "model=cnn", "model.channels=[8,16]", "scheduler=step",
-            "adapter=lora", "trainer.deterministic=true", "trainer.progress=false", "trainer.max_epochs=3",
-            "trainer.early_stopping.enabled=false", "trainer.log_every_n_steps=5", "trainer.device=cpu"]
+CNN = ["data=digits", "data.batch_size=32", "model=cnn", "model.channels=[8,16]", "scheduler=step",
+       "trainer.deterministic=true", "trainer.progress=false", "trainer.max_epochs=3",
+       "trainer.early_stopping.enabled=false", "trainer.log_every_n_steps=5", "trainer.device=cpu"]
+LORA_CNN = [*CNN, "adapter=lora"]
+# the head alone, then the second conv block too, then everything; the body at half the learning rate
+UNFREEZE = ["optimizer=adamw", "finetune.lr_mult={features:0.5}",
+            "finetune.unfreeze_schedule=[{epoch:0,unfreeze:[head]},{epoch:1,unfreeze:['features\\.[3-5]']},"
+            "{epoch:2,unfreeze:['.*']}]"]
 
 
-def test_adapter_run_resumes_exactly_after_kill9(tmp_path: Path) -> None:
+def _killed_and_resumed(args: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """Final weights of a run killed with SIGKILL after its first last.pt and resumed, and of the same run
+    uninterrupted (trained meanwhile)."""
     straight, run = tmp_path / "straight", tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "nnctl", "train", *LORA_CNN, f"hydra.run.dir={run}"],
+    proc = subprocess.Popen([sys.executable, "-m", "nnctl", "train", *args, f"hydra.run.dir={run}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert main(["train", *LORA_CNN, f"hydra.run.dir={straight}"]) == 0  # meanwhile: the uninterrupted run
+    assert main(["train", *args, f"hydra.run.dir={straight}"]) == 0  # meanwhile: the uninterrupted run
     last = run / "checkpoints" / ck.LAST
     import time
 
@@ -147,10 +177,49 @@ def test_adapter_run_resumes_exactly_after_kill9(tmp_path: Path) -> None:
     if ck.load_checkpoint(last)[ck.EPOCH] >= 3:
         pytest.skip("the run finished before it could be killed")
     assert main(["train", f"resume={run}"]) == 0
+    assert _metrics(run)["test"] == _metrics(straight)["test"]
     a, b = (ck.load_checkpoint(r / "checkpoints" / ck.LAST)[ck.MODEL] for r in (run, straight))
+    return a, b
+
+
+def test_adapter_run_resumes_exactly_after_kill9(tmp_path: Path) -> None:
+    a, b = _killed_and_resumed(LORA_CNN, tmp_path)
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _metrics(run)["test"] == _metrics(straight)["test"]
+
+
+def test_unfreeze_schedule_trains_each_part_from_its_epoch(tmp_path: Path) -> None:
+    engine = _engine([*CNN, *UNFREEZE, "trainer.limit_train_batches=10"], tmp_path / "run")
+    start = {n: p.detach().clone() for n, p in engine.net.named_parameters()}
+    seen: list[tuple[set[str], dict[str, int]]] = []  # per epoch: tensors that moved, Adam steps per tensor
+
+    def record(engine, metrics: dict) -> None:  # noqa: ANN001 - the Engine
+        names = {p: n for n, p in engine.net.named_parameters()}
+        seen.append(({n for n, p in engine.net.named_parameters() if not torch.equal(p, start[n])},
+                     {names[p]: int(s["step"]) for p, s in engine.optimizer.state.items()}))
+
+    engine.epoch_hooks.insert(0, record)
+    engine.fit()
+    head = {n for n in start if n.startswith("head.")}
+    block2 = {n for n in start if n.startswith(("features.3.", "features.4."))}
+    assert seen[0] == (head, dict.fromkeys(head, 10))  # the body: no gradient, no update, no decay, no state
+    assert seen[1] == (head | block2, {**dict.fromkeys(head, 20), **dict.fromkeys(block2, 10)})  # fresh moments
+    assert seen[2][0] == set(start) and seen[2][1]["features.0.0.weight"] == 10
+    # every tensor had its group from the first step: lr_mult and the weight-decay split, scaled by the schedule
+
+    def group(name: str) -> dict:
+        p = engine.net.get_parameter(name)
+        return next(g for g in engine.optimizer.param_groups if any(q is p for q in g["params"]))
+
+    conv, norm, head_weight = group("features.0.0.weight"), group("features.0.1.weight"), group("head.3.weight")
+    assert conv["lr"] == norm["lr"] == pytest.approx(head_weight["lr"] / 2)
+    assert (conv["weight_decay"], norm["weight_decay"]) == (head_weight["weight_decay"], 0.0)
+    assert conv["weight_decay"] > 0
+
+
+def test_unfreezing_resumes_exactly_across_a_boundary_after_kill9(tmp_path: Path) -> None:
+    a, b = _killed_and_resumed([*CNN, *UNFREEZE, "trainer.limit_train_batches=10"], tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # -- Hugging Face causal LMs -------------------------------------------------------------------------------------------
@@ -163,7 +232,8 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _lm_args(tiny_lm: tuple[Path, Path], *extra: str) -> list[str]:
     model, records = tiny_lm
     return ["train", "experiment=instruct_qlora", f"model.path={model}", f"data.path={records}",
-            "trainer.device=cpu", "trainer.progress=false", "optimizer.lr=0.02", "data.batch_size=4", *extra]
+            "trainer.device=cpu", "trainer.progress=false", "optimizer.lr=0.02", "data.batch_size=4",
+            "data.max_len=64", *extra]  # the tiny model's positions
 
 
 def test_instruction_tuning_with_qlora_end_to_end(tiny_lm: tuple[Path, Path], tmp_path: Path) -> None:
@@ -220,6 +290,39 @@ def test_lora_on_a_hf_model_writes_a_peft_folder_plain_peft_loads(tiny_lm: tuple
     ids = torch.arange(1, 20).unsqueeze(0)
     with torch.no_grad():
         assert torch.allclose(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant_type, double_quant, compute_dtype",
+                         [("nf4", True, "float32"), ("fp4", False, "bfloat16")])
+def test_qlora_loads_a_hf_model_through_bitsandbytes_config(tiny_lm: tuple[Path, Path], quant_type: str,
+                                                            double_quant: bool, compute_dtype: str) -> None:
+    import bitsandbytes as bnb
+    from hydra.utils import instantiate
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from nnctl.adapters import load_quantization, parameter_counts
+    from nnctl.models.hf import hf_causal_lm
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["adapter=qlora", f"adapter.quant_type={quant_type}",
+                                          f"adapter.double_quant={double_quant}",
+                                          f"adapter.compute_dtype={compute_dtype}"])
+    adapter = instantiate(cfg.adapter)
+    model = hf_causal_lm(str(tiny_lm[0]), **load_quantization(adapter))
+    quantization = model.config.quantization_config  # transformers loaded it in 4-bit
+    assert (quantization.load_in_4bit, quantization.bnb_4bit_quant_type, quantization.bnb_4bit_use_double_quant,
+            quantization.bnb_4bit_compute_dtype) == (True, quant_type, double_quant, getattr(torch, compute_dtype))
+    net = adapter(model)
+    layers = [m for n, m in net.named_modules() if n.endswith("attn.c_attn")]
+    assert len(layers) == 2 and all(isinstance(m, LoraLinear4bit) for m in layers)  # peft's 4-bit LoRA layer
+    base = layers[0].base_layer
+    assert isinstance(base, bnb.nn.Linear4bit) and base.weight.quant_state.quant_type == quant_type
+    assert base.weight.quant_state.nested == double_quant and base.compute_dtype == getattr(torch, compute_dtype)
+    trainable, total = parameter_counts(net)
+    assert all("lora_" in n for n, p in net.named_parameters() if p.requires_grad) and 0 < trainable < total / 4
+    ids = torch.arange(1, 20).unsqueeze(0)
+    net(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if "lora_B" in n)
 
 
 def test_generate_hf_samples_reproducibly(tiny_lm: tuple[Path, Path]) -> None:

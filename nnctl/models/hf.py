@@ -63,13 +63,45 @@ def _load(loader: Any, path: str, key: str, **kwargs: Any) -> Any:
         raise UserError(f"cannot load {path!r}: {first}; pass a local save_pretrained folder", key=key) from None
 
 
-def hf_causal_lm(path: str, dtype: str = "float32") -> nn.Module:
-    """AutoModelForCausalLM.from_pretrained(path) in `dtype`."""
-    from transformers import AutoModelForCausalLM
+def hf_causal_lm(path: str, dtype: str = "float32", max_len: int | None = None,
+                 quantization: dict[str, Any] | None = None) -> nn.Module:
+    """AutoModelForCausalLM.from_pretrained(path) in `dtype`.
+
+    `max_len` (the data's tokens per row) must fit the model's positions. `quantization` (adapter=qlora's 4-bit
+    settings: quant_type, double_quant, compute_dtype) loads the Linear layers as bitsandbytes 4-bit layers through
+    transformers' BitsAndBytesConfig, layer by layer, so the full-precision weights are never all in memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise UserError(f"got {dtype!r}; expected one of {', '.join(DTYPES)}", key="model.dtype")
-    return _load(AutoModelForCausalLM, path, "model.path", dtype=DTYPES[dtype])
+    config = _load(AutoConfig, path, "model.path")
+    _check_positions(config, max_len, path)
+    options: dict[str, Any] = {"config": config, "dtype": DTYPES[dtype]}
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantization["quant_type"],
+            bnb_4bit_use_double_quant=quantization["double_quant"],
+            bnb_4bit_compute_dtype=quantization["compute_dtype"])
+    return _load(AutoModelForCausalLM, path, "model.path", **options)
+
+
+def max_positions(config: Any) -> int | None:
+    """How many positions the model embeds (GPT-2: n_positions; most others: max_position_embeddings)."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_positions(config: Any, max_len: int | None, path: str) -> None:
+    """Rows longer than the model's positions would fail inside its position embedding with an index error."""
+    limit = max_positions(config)
+    if max_len is not None and limit is not None and max_len > limit:
+        raise UserError(f"{max_len} tokens per row exceed the {limit} positions of {path} "
+                        f"({type(config).__name__}); set data.max_len={limit} or lower", key="data.max_len")
 
 
 def load_tokenizer(path: str, key: str = "data.tokenizer_path") -> Any:
