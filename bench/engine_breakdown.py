@@ -5,19 +5,21 @@ Starting from the bare loop of bench/engine_overhead.py, each rung adds one thin
 
   bare        forward, cross_entropy, backward, AdamW step, zero_grad(set_to_none), LambdaLR step, over
               pre-normalized float tensors
+  bare (A/A)  the same bare loop again, with its own copy of the model: its distance from bare is the noise
   +data       batches from nnctl's ImageData.train_batches (augmentation off: slices of the split normalized once)
-  +acc        train accuracy in the objective: (logits.detach().argmax(1) == y).sum(), a count
-  +sums       the running sums (nnctl.metrics.Averages.add(n, {"acc": count}, {"loss": loss})): one in-place add
-              per statistic
-  +isfinite   float(loss) + math.isfinite per step (the non-finite-loss guard)
+  +acc        train accuracy in the objective: torch.count_nonzero(logits.argmax(1) == y), a count
+  +sums       the running sums (nnctl.metrics.StepSums.add(n, {"acc": count}, {"loss": loss.detach()})): a list
+              append per step, stacked and summed at logging steps and the epoch's end
+  +isfinite   math.isfinite(loss.item()) per step (the non-finite-loss guard as it runs on the CPU)
   +log        every log_every_n_steps (and at epoch end): total grad norm, running means, 4 TensorBoard
               scalars, a (disabled) progress-bar update
   engine      the real Engine.fit, timed as in engine_overhead (training iterations only)
 
 All variants run interleaved epoch by epoch in one process (each with its own copy of the same initial model);
-reported: median microseconds per step per variant over all epochs after warm-up, and each rung's increment. Time is the main thread's CPU time (time.thread_time), which a
-busy machine inflates far less than wall time; with the default --threads 1 it covers all the work except the
-TensorBoard writer thread.
+reported: median microseconds per step per variant over all epochs after warm-up, and each rung's increment. Time
+is the main thread's CPU time (time.thread_time), which a busy machine inflates far less than wall time; with the
+default --threads 1 it covers all the work except the TensorBoard writer thread. Increments smaller than the A/A
+row's distance from bare are noise.
 
     python -m bench.engine_breakdown --case mlp --threads 1 --epochs 60
 """
@@ -36,19 +38,20 @@ import torch.nn.functional as F
 from bench._common import base_parser, median, table, write_result
 from bench.engine_overhead import build, instrument
 
-RUNGS = ["bare", "+data", "+acc", "+sums", "+isfinite", "+log"]
+RUNGS = ["bare", "bare (A/A)", "+data", "+acc", "+sums", "+isfinite", "+log"]
+FEATURES = {"bare": 0, "bare (A/A)": 0, "+data": 1, "+acc": 2, "+sums": 3, "+isfinite": 4, "+log": 5}  # rung -> level
 
 
 def accumulator():
-    """The engine's running-average accumulator, called the way Engine.fit calls it: (add(loss, stats, n), means())."""
-    from nnctl.metrics import Averages
+    """The engine's running sums, called the way Engine.fit calls them: (add(loss, stats, n), means())."""
+    from nnctl.metrics import StepSums
 
-    averages = Averages()
-    return (lambda loss, stats, n: averages.add(n, stats, {"loss": loss})), (lambda: averages.means("train/"))
+    sums = StepSums()
+    return (lambda loss, stats, n: sums.add(n, stats, {"loss": loss.detach()})), (lambda: sums.totals().means("train/"))
 
 
 def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, task) -> tuple[float, int]:
-    """One epoch of the bare loop with the first `level` rungs of RUNGS switched on."""
+    """One epoch of the bare loop with the features up to `level` switched on (FEATURES)."""
     model, opt, sched, bare = st["model"], st["opt"], st["sched"], st["bare"]
     t = engine.cfg.trainer
     log_every = int(t.log_every_n_steps)
@@ -66,12 +69,12 @@ def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, ta
     for i, (xb, yb) in enumerate(batches):
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
-        stats = {"acc": (logits.detach().argmax(dim=1) == yb).sum()} if level >= 2 else {}
+        stats = {"acc": torch.count_nonzero(logits.argmax(dim=1) == yb)} if level >= 2 else {}
         loss.backward()
         if level >= 3:
             add(loss, stats, len(yb))
         if level >= 4:
-            math.isfinite(float(loss.detach()))
+            math.isfinite(loss.item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -122,10 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 order = order[k % len(order):] + order[:k % len(order)]
                 with epoch_progress(False) as bar:
                     task = bar.add_task("ladder", total=None, stats="")
-                    for level in order:
-                        seconds, steps = ladder_epoch(level, states[level], engine, k, tb, bar, task)
+                    for rung in order:
+                        seconds, steps = ladder_epoch(FEATURES[RUNGS[rung]], states[rung], engine, k, tb, bar, task)
                         if k >= args.warmup:
-                            times[RUNGS[level]].append(1e6 * seconds / steps)
+                            times[RUNGS[rung]].append(1e6 * seconds / steps)
                 self.epoch += 1
                 return 1.0, engine.data.num_batches("train")
 
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in [*RUNGS, "engine"]:
         rows.append((name, med[name], None if prev is None else med[name] - med[prev], med[name] - med["bare"],
                      med[name] / med["bare"]))
-        prev = name
+        prev = prev if name == "bare (A/A)" else name  # the ladder climbs from bare; A/A is beside it
     text = table(["variant", "us/step (median)", "increment us", "vs bare us", "vs bare"], rows)
     print(f"\n{args.case}, {args.threads} thread(s), {epochs} epochs ({args.warmup} warm-up), "
           f"{len(times['bare'])} timed epochs per variant\n{text}")

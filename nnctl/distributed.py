@@ -71,9 +71,11 @@ class Dist:
 
     @property
     def initialized(self) -> bool:
+        if self.world == 1:  # the step loop asks several times per step: answer without the import
+            return False
         import torch.distributed as td
 
-        return self.world > 1 and td.is_initialized()
+        return td.is_initialized()
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def setup(self, trainer: Any, device: "torch.device") -> "torch.device":
@@ -222,6 +224,16 @@ class Dist:
         total = loss.detach().float().clone()
         td.all_reduce(total)
         return total.item() / self.world
+
+    def mean_losses(self, losses: "torch.Tensor") -> list[float]:
+        """Several losses [k] averaged over ranks, on the host in one transfer (the deferred NaN guard)."""
+        if not self.initialized:
+            return losses.tolist()
+        import torch.distributed as td
+
+        total = losses.detach().float().clone()
+        td.all_reduce(total)
+        return (total / self.world).tolist()
 
     def vote_stop(self, received: int | None, now: bool = False) -> int | None:
         """The signal every rank acts on (SIGTERM/SIGINT received by any rank), decided the same on all ranks.

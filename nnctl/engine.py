@@ -24,7 +24,7 @@ from nnctl.ema import EMA
 from nnctl.finetune import starting_point, unfreezing
 from nnctl.errors import Interrupted, UserError
 from nnctl.interrupts import SignalFlag
-from nnctl.metrics import Averages
+from nnctl.metrics import Averages, StepSums
 from nnctl.optimization import Optimization, param_groups  # noqa: F401  (param_groups: public via the engine)
 from nnctl.loggers import Loggers, build_loggers, flat_params
 from nnctl.reporting import console, epoch_progress, print_metrics, write_json
@@ -84,7 +84,7 @@ class Engine:
         self.stopper = Tracker(t.early_stopping.monitor, t.early_stopping.mode, t.early_stopping.min_delta,
                                key="trainer.early_stopping.monitor")
         self.history: dict[str, dict[str, float]] = {}
-        self.sums = Averages()
+        self.sums = StepSums()  # the epoch's training statistics, read at logging steps and the epoch's end
         self.optim: Optimization | None = None
         self.signals = SignalFlag()
         # called as hook(engine, metrics) after each epoch's checkpoint; the first unfreezes what the next epoch trains
@@ -215,8 +215,8 @@ class Engine:
                             self.ema.update(self.net)
                         # periodic logging: the only place the loop waits for the device
                         if self.step % t.log_every_n_steps == 0:
-                            log_step(loggers, bar, task, window, self.dist.reduce(self.sums), self.optimizer,
-                                     grad_norm, self.step, self.batch_in_epoch)
+                            log_step(loggers, bar, task, window, self.dist.reduce(self.sums.totals()),
+                                     self.optimizer, grad_norm, self.step, self.batch_in_epoch)
                         # a pending SIGINT/SIGTERM ends the run here, between two steps, with last.pt saved
                         if (signum := self.dist.vote_stop(self.signals.received)) is not None:
                             self._interrupt(signum)
@@ -224,14 +224,16 @@ class Engine:
                             done = True
                             break
                     bar.update(task, completed=self.batch_in_epoch)  # the log cadence may end short of it
+                self.optim.check_losses()  # losses still waiting on the device: none is non-finite before a save
                 # validation, epoch-level schedule, checkpoints, early stopping
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                train = self._means(self.dist.reduce(self.sums), "train")  # waits for the device: exact throughput
+                # waits for the device: exact throughput
+                train = self._means(self.dist.reduce(self.sums.totals()), "train")
                 self.history["throughput"] = {"train/samples_per_s": epoch_window.rate(self.step)}
                 metrics = {**train, **self.evaluate("val")}
                 self.objective.after_validation(self.eval_net, self.data, self.epoch, self.run_dir, loggers,
                                                  self.step)
-                self.sums = Averages()
+                self.sums = StepSums()
                 self.optim.after_epoch(metrics)
                 stage = {"stage": self.stage.index} if self.stage else {}
                 loggers.scalars({**metrics, **self.history["throughput"], **stage}, self.step)
@@ -251,9 +253,12 @@ class Engine:
             return self._finish(loggers, time.perf_counter() - started)
 
     def _train_batch(self, batch: Any, accum: int, stepping: bool) -> torch.Tensor | None:
-        """Run the objective's updates for one batch; add its sums to the epoch's running averages (on the
-        device: no host sync). Returns the last update's gradient norm when clipping computed one."""
-        steps, losses, sums, grad_norm = self.objective.training_steps(self.model, batch), {}, {}, None
+        """Run the objective's updates for one batch; record its losses and sums for the epoch's running averages
+        (kept on the device as they are: no op, no host sync). Returns the last update's gradient norm when
+        clipping computed one."""
+        steps, losses, sums, grad_norm = self.objective.training_steps(self.model, batch), {}, None, None
+        # the gradient norm is measured on logging steps only (before the gradients are cleared)
+        logging_step = stepping and (self.step + 1) % self.t.log_every_n_steps == 0
         while True:
             with self.precision.autocast(self.device):  # the objective's forward runs inside next()
                 update = next(steps, None)
@@ -263,12 +268,11 @@ class Engine:
             if self.t.l1:
                 loss = loss + self.t.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.ndim >= 2)
             self.scaler.scale(loss / accum if accum > 1 else loss).backward()  # no extra node at accum 1
-            losses["loss" if name == "main" else f"loss_{name}"] = loss
-            sums.update(stats)
-            if stepping:  # the gradient norm is measured on logging steps only (before the gradients are cleared)
-                logging_step = (self.step + 1) % self.t.log_every_n_steps == 0
+            losses["loss" if name == "main" else f"loss_{name}"] = loss.detach()
+            sums = stats if sums is None else {**sums, **stats}  # one update (the usual case): its dict as it is
+            if stepping:
                 grad_norm = self.optim.step(name, loss, self.step, norm=logging_step)
-        self.sums.add(self.objective.count(batch), sums, losses)
+        self.sums.add(self.objective.count(batch), sums or {}, losses)
         return grad_norm
 
     def _enter_stage(self, stage: Any) -> None:
@@ -289,6 +293,7 @@ class Engine:
         console.print(f"stage {stage.index + 1}/{len(self.stages)}: {stage.name}")
 
     def _interrupt(self, signum: int) -> None:
+        self.optim.check_losses()  # a non-finite loss stops the run before last.pt is overwritten
         raise Interrupted(signum, run_state.save_last(self), self.run_dir)
 
     # -- evaluation ---------------------------------------------------------------------------------------------

@@ -34,3 +34,77 @@ class Averages:
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         return self.sums
+
+
+class StepSums:
+    """The training epoch's sums: one value per step and statistic, read only when someone asks.
+
+    `add` appends the step's tensors to a list: no device op and no host sync in the step loop (an in-place add per
+    statistic cost as much as the statistic itself on a small CPU model). `totals()` (logging steps, the epoch's end)
+    and `state_dict()` (checkpoints) first stack the waiting values into one buffer per statistic, weighted by the
+    step's sample count where they are means. A total is always the sum of that buffer: the same values in the same
+    order wherever the reads fell, so a run resumed mid-epoch (its checkpoint holds the buffers) reports bitwise the
+    same training metrics as one that never stopped.
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor | int] | None = None) -> None:
+        self._waiting: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]] = []
+        self._buffers: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (storage with room to grow, values used)
+        self._n = 0
+        for name, value in (state or {}).items():
+            if name == "_n":
+                self._n = int(value)
+            else:  # per-step values; a total (a 0-d tensor, from Averages' state) counts as one step
+                self._append(name, value.detach().float().reshape(-1))
+
+    def add(self, n: int, sums: dict[str, torch.Tensor], means: dict[str, torch.Tensor] | None = None) -> None:
+        """A step of `n` samples: `sums` are totals over its batch (e.g. correct predictions), `means` per-sample
+        means (e.g. a mean loss), weighted by `n` when read."""
+        self._waiting.append((n, sums, means))
+        self._n += n
+
+    def totals(self) -> Averages:
+        """The sums so far (and the sample count), as Averages: `means()` reads them to the host."""
+        self._stack()
+        return Averages({**{name: buf[:used].sum() for name, (buf, used) in self._buffers.items()}, "_n": self._n})
+
+    def state_dict(self) -> dict[str, torch.Tensor | int]:
+        """Every statistic's per-step values (copies of exactly the used part), and the sample count."""
+        self._stack()
+        return {**{name: buf[:used].clone() for name, (buf, used) in self._buffers.items()}, "_n": self._n}
+
+    @torch.no_grad()
+    def _stack(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        names = dict.fromkeys(name for _, sums, means in waiting for name in (*sums, *(means or ())))
+        for name in names:
+            values, weights = [], []
+            for n, sums, means in waiting:
+                if name in sums:
+                    values.append(sums[name])
+                    weights.append(1)
+                elif means is not None and name in means:
+                    values.append(means[name])
+                    weights.append(n)
+            # float32 everywhere (MPS has no float64); counts stay exact up to 2**24 per epoch
+            stacked = torch.stack(values).float()  # no_grad: no graph even from a loss that still has one
+            if len(set(weights)) == 1:
+                stacked = stacked if weights[0] == 1 else stacked * weights[0]
+            else:  # the same float32 products as multiplying by each weight alone
+                stacked = stacked * torch.tensor(weights, dtype=torch.float32).to(stacked.device, non_blocking=True)
+            self._append(name, stacked)
+
+    def _append(self, name: str, values: torch.Tensor) -> None:
+        """Append to the buffer, doubling its storage when full: appending is O(new values), not O(epoch)."""
+        buf, used = self._buffers.get(name, (None, 0))
+        if buf is not None and buf.device != values.device:  # a checkpoint's values (loaded on the CPU) meet the run's
+            buf = buf.to(values.device)
+        if buf is None or used + len(values) > len(buf):
+            grown = values.new_empty(max(64, used + len(values), 2 * (0 if buf is None else len(buf))))
+            if used:
+                grown[:used] = buf[:used]
+            buf = grown
+        buf[used:used + len(values)] = values
+        self._buffers[name] = (buf, used + len(values))

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 from nnctl.errors import UserError
 
 log = logging.getLogger(__name__)
+# Devices whose losses the NaN guard reads in batches (a read per step would stall their queue); see check_losses.
+BATCHED_LOSS_READS = ("cuda",)
 
 
 def param_groups(params: Any, weight_decay: float, decay_norm_bias: bool,
@@ -82,6 +84,11 @@ class Optimization:
                     optimizer=self.optimizers[name], total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         self.params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
         self._bad_steps, self._last_finite = 0, float("nan")
+        # Reading a loss on the host is free on the CPU, so there every loss is checked before its update. On a GPU
+        # it would stall the queue every step: there the losses wait on the device and are read together, on
+        # logging steps and before anything is saved (check_losses).
+        self.deferred = device.type in BATCHED_LOSS_READS
+        self._unread: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read, oldest first
 
     @property
     def first(self) -> torch.optim.Optimizer:
@@ -122,23 +129,43 @@ class Optimization:
     def _skip_nonfinite(self, loss: torch.Tensor, step: int) -> bool:
         """True when this step's loss is NaN/inf (its update is skipped); stops after max_bad_steps in a row.
 
-        Checking needs the loss on the host. On CPU that costs nothing; on CUDA it would stall the pipeline every
-        step, so there the check runs at the logging cadence and fp16's grad scaler guards the steps in between.
+        The guarantee: every loss is checked, and a non-finite one is caught before the next checkpoint, so the
+        last good checkpoint is kept. On the CPU each loss is checked before its own update. On a GPU the losses
+        wait on the device and are checked on logging steps, so a non-finite loss is caught within
+        trainer.log_every_n_steps steps, and before every checkpoint (check_losses).
         """
-        if self.device.type == "cuda" and (step + 1) % self.t.log_every_n_steps:
+        if self.deferred and (step + 1) % self.t.log_every_n_steps:
+            self._unread.append((step, loss.detach()))
             return False
-        value = self.dist.mean_loss(loss)  # the mean over ranks: every rank skips or stops alike
+        self.check_losses()  # the earlier steps' first, in order
+        return not self._finite(self.dist.mean_loss(loss), step, applied=False)  # the mean over ranks: all alike
+
+    def check_losses(self) -> None:
+        """Check the losses still waiting on the device (one transfer), in step order. Their updates have run: with
+        fp16 the grad scaler skipped the non-finite ones, so they count towards max_bad_steps as skipped steps;
+        otherwise the weights took a non-finite update and the run stops here, before anything is saved."""
+        if not self._unread:
+            return
+        unread, self._unread = self._unread, []
+        values = self.dist.mean_losses(torch.stack([loss for _, loss in unread]).float())
+        for (step, _), value in zip(unread, values):
+            self._finite(value, step, applied=not self.scaler.is_enabled())
+
+    def _finite(self, value: float, step: int, applied: bool) -> bool:
+        """Count a loss read on the host; raise when the run must stop."""
         if math.isfinite(value):
             self._bad_steps, self._last_finite = 0, value
-            return False
+            return True
         self._bad_steps += 1
-        if self._bad_steps >= self.t.max_bad_steps:
+        if self._bad_steps >= self.t.max_bad_steps or applied:
+            late = (f"; on {self.device.type} the loss is read every trainer.log_every_n_steps steps, after this "
+                    "update had run" if applied else "")
             raise UserError(f"loss was {value} for {self._bad_steps} consecutive steps (up to step {step + 1}, "
-                            f"last finite loss {self._last_finite:.4g}); the learning rate is likely too high: lower "
-                            "optimizer.lr, set trainer.grad_clip_norm=1.0, or use precision=fp32. The last good "
+                            f"last finite loss {self._last_finite:.4g}{late}); the learning rate is likely too high: "
+                            "lower optimizer.lr, set trainer.grad_clip_norm=1.0, or use precision=fp32. The last good "
                             "checkpoint was kept", key="trainer.max_bad_steps")
         log.warning("step %d: non-finite loss %s, update skipped", step + 1, value)
-        return True
+        return False
 
     # -- checkpoint state -------------------------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:

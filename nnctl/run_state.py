@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from nnctl import adapters
 from nnctl import checkpoint as ck
 from nnctl.errors import UserError
-from nnctl.metrics import Averages
+from nnctl.metrics import StepSums
 
 if TYPE_CHECKING:
     from nnctl.engine import Engine
@@ -55,7 +55,7 @@ def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
         ck.SCALER: engine.scaler.state_dict(),
         ck.EPOCH: engine.epoch, ck.STEP: engine.step, ck.BATCH_IN_EPOCH: engine.batch_in_epoch,
         ck.TRACKERS: {"best": engine.best.state_dict(), "early_stopping": engine.stopper.state_dict(),
-                      "history": engine.history, "epoch_sums": engine.dist.reduce(engine.sums).state_dict()},
+                      "history": engine.history, "epoch_sums": _epoch_sums(engine)},
         ck.METRICS: metrics,
         ck.RNG: ck.rng_state(),
         ck.EXTRA: {"train_model": adapters.model_state(engine.net, engine.net), "ema_updates": engine.ema.updates}
@@ -68,6 +68,14 @@ def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
     if adapters.is_adapted(engine.net):  # the weights above need this base to mean anything
         state[ck.BASE] = base_reference(engine)
     return state
+
+
+def _epoch_sums(engine: "Engine") -> dict[str, Any]:
+    """The epoch's training sums so far: per-step values in one process (a resumed run then sums exactly the
+    values an uninterrupted one does), the totals over all ranks with several (one all_reduce, on every rank)."""
+    if engine.dist.initialized:
+        return engine.dist.reduce(engine.sums.totals()).state_dict()
+    return engine.sums.state_dict()
 
 
 def base_reference(engine: "Engine") -> dict[str, str]:
@@ -100,7 +108,7 @@ def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None
     engine.stopper.load_state_dict(trackers["early_stopping"])
     engine.history = trackers["history"]
     # the epoch's sums so far, over all ranks: rank 0 carries them on, so the epoch's reduction counts them once
-    engine.sums = Averages(trackers["epoch_sums"] if engine.dist.main else None)
+    engine.sums = StepSums(trackers["epoch_sums"] if engine.dist.main else None)
     ck.set_rng_state(state[ck.RNG])
     engine.logger_state = state.get(ck.LOGGERS, {})  # tracker runs to continue
 

@@ -95,6 +95,49 @@ def test_signal_saves_mid_epoch_and_resume_is_bitwise_identical(signum: int, ext
     assert _metrics(run)["test"] == _metrics(reference)["test"]
 
 
+def test_epoch_sums_are_the_same_wherever_they_are_read_or_saved() -> None:
+    """Training sums are kept per step and summed when read: reads at any steps, and a checkpoint at any step
+    loaded into a fresh run, give bitwise the same totals (what makes train metrics survive a mid-epoch stop)."""
+    import io
+
+    from nnctl.metrics import Averages, StepSums
+
+    gen = torch.Generator().manual_seed(0)
+    steps = [(n, {"acc": torch.randint(0, n + 1, (), generator=gen)}, {"loss": 3 * torch.rand((), generator=gen)})
+             for n in torch.randint(1, 65, (150,), generator=gen).tolist()]  # sizes vary: means are weighted by n
+
+    def totals(reads: set[int], saved_at: int | None = None) -> Averages:
+        sums = StepSums()
+        for i, step in enumerate(steps):
+            if i == saved_at:  # a checkpoint, loaded as `nnctl train resume=` does
+                buffer = io.BytesIO()
+                torch.save(sums.state_dict(), buffer)
+                buffer.seek(0)
+                sums = StepSums(torch.load(buffer, weights_only=True))
+            sums.add(*step)
+            if i in reads:
+                sums.totals().means()
+        return sums.totals()
+
+    straight = totals(reads=set())
+    for reads, saved_at in [(set(range(0, 150, 7)), None), ({3, 64, 65, 149}, 100), (set(range(150)), 37)]:
+        other = totals(reads, saved_at)
+        assert other.sums["_n"] == straight.sums["_n"] == sum(n for n, _, _ in steps)
+        assert torch.equal(other.sums["acc"], straight.sums["acc"]) and torch.equal(other.sums["loss"],
+                                                                                    straight.sums["loss"])
+    assert int(straight.sums["acc"]) == sum(int(s["acc"]) for _, s, _ in steps)  # counts stay exact
+    one_by_one = Averages()
+    for step in steps:
+        one_by_one.add(*step)
+    assert straight.means() == pytest.approx(one_by_one.means(), rel=1e-6)
+    # a checkpoint written with totals only (Averages' state) continues from them
+    continued = StepSums(dict(one_by_one.state_dict()))
+    n, _, means = steps[0]
+    continued.add(*steps[0])
+    expected = (float(one_by_one.sums["loss"]) + n * float(means["loss"])) / (one_by_one.sums["_n"] + n)
+    assert continued.totals().means()["loss"] == pytest.approx(expected)
+
+
 def test_resume_extends_a_finished_run_and_auto_finds_it(straight: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """scheduler=step does not depend on the run's length: a finished run trained on is the same as a longer run."""
@@ -173,15 +216,27 @@ def test_extend_schedule_trains_a_finished_run_longer_under_a_fresh_schedule(
     assert test_loss["final_lr"] < test_loss["finished"], test_loss
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["every-step", "batched-reads"])
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(batched: bool, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU checks each loss before its update; a GPU reads them in batches, on logging steps and before every
+    checkpoint. Forced here on the CPU with a logging cadence longer than the run, only the read before epoch 2's
+    checkpoint can catch the divergence: that checkpoint is never written."""
+    from nnctl import optimization
+
+    if batched:
+        monkeypatch.setattr(optimization, "BATCHED_LOSS_READS", ("cpu",))
     run = tmp_path / "run"
     # Epoch 1 trains normally; the per-epoch x1e8 learning-rate jump then makes SGD diverge to inf/NaN.
-    exploding = TINY + ["optimizer=sgd", "scheduler=exponential", "scheduler.gamma=1e8", f"hydra.run.dir={run}"]
+    exploding = [*(a for a in TINY if not a.startswith("trainer.log_every_n_steps")), "optimizer=sgd",
+                 "scheduler=exponential", "scheduler.gamma=1e8", f"hydra.run.dir={run}",
+                 f"trainer.log_every_n_steps={1000 if batched else 5}"]
     code = main(["train", *exploding])
     err = capsys.readouterr().err
     assert code == 2, err
     assert "trainer.max_bad_steps" in err and "optimizer.lr" in err and "last finite loss" in err
+    assert ("after this update had run" in err) == batched, err
     state = ck.load_checkpoint(run / "checkpoints" / ck.LAST)
     assert state[ck.EPOCH] == 1 and all(torch.isfinite(w).all() for w in state[ck.MODEL].values()
                                         if w.is_floating_point())
