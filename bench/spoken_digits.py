@@ -1,9 +1,9 @@
 """Spoken digits, made offline: espeak-ng says "zero" ... "nine" with varied voices, speeds and pitches into an
 audio_folder tree <out>/{train,test}/<digit>/*.wav (test speakers are voices the training set never heard).
 
-    python bench/spoken_digits.py data/spoken_digits --per-digit 60
-    nnctl train data=audio_folder data.root=data/spoken_digits model=audio_cnn data.sample_rate=8000 \\
-        data.frontend.n_fft=256 data.frontend.hop_length=128 data.frontend.n_mels=32 trainer.max_epochs=15
+    python bench/spoken_digits.py data/spoken_digits --per-digit 100
+    nnctl train data=spoken_digits model=audio_cnn trainer.max_epochs=15       # classify the words
+    nnctl train experiment=spoken_digits_ddpm                                  # generate them (README: Audio)
 
 The tree is generated data: keep it out of version control (data/ is ignored).
 """

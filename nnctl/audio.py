@@ -162,11 +162,6 @@ def write_wavs(waves: torch.Tensor, sample_rate: int, directory: Path, names: Se
     return paths
 
 
-def spectrogram_view(images: torch.Tensor) -> torch.Tensor:
-    """Log-mel images [B, 1, n_mels, T] with the lowest band at the bottom, as spectrograms are drawn."""
-    return images.flip(-2)
-
-
 def write_clips(images: torch.Tensor, spec: dict[str, Any], labels: torch.Tensor | None, directory: Path,
                 iters: int = 32, seed: int = 0) -> list[Path]:
     """Generated log-mel images [B, 1, n_mels, T] in [0, 1] -> `directory/NNNN[_class].wav` at the data's sample

@@ -22,6 +22,7 @@ from nnctl import checkpoint as ck
 from nnctl import adapters, distributed, run_state
 from nnctl.ema import EMA
 from nnctl.finetune import starting_point, unfreezing
+from nnctl.images import as_drawn
 from nnctl.errors import Interrupted, UserError
 from nnctl.interrupts import SignalFlag
 from nnctl.metrics import Averages, StepSums
@@ -187,8 +188,9 @@ class Engine:
             console.print(f"stage {self.stage.index + 1}/{len(self.stages)}: {self.stage.name}")
         with self.signals, loggers:  # leaving it closes every tracker: finished, failed or killed
             loggers.config(self.stored_cfg)
-            if hasattr(self.data, "sample_images"):  # what the model sees, once per run
-                loggers.images("train/samples", self.data.sample_images(16), self.step)
+            if hasattr(self.data, "sample_images"):  # what the model sees, once per run, drawn as the data is
+                loggers.images("train/samples", as_drawn(self.data.sample_images(16),
+                                                         self.spec.get("image_origin", "upper")), self.step)
             started = time.perf_counter()
             while self.epoch < t.max_epochs and not done:
                 if self.stages and self.stages.at(self.epoch) is not self.stage:

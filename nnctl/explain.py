@@ -124,6 +124,7 @@ def plot(display: torch.Tensor, maps: torch.Tensor, labels: list[str], preds: li
 
 def explain(cfg: Any) -> dict[str, Any]:
     from nnctl.commands import load_for_eval
+    from nnctl.images import as_drawn
     from nnctl.plots import display_images
     from nnctl.reporting import console
 
@@ -145,6 +146,7 @@ def explain(cfg: Any) -> dict[str, Any]:
     maps = attribute(engine, cfg.method, images, target, cfg.layer)
     classes = [str(c) for c in engine.data.classes]
     display = display_images(engine.data, images)
+    maps = as_drawn(maps, engine.spec.get("image_origin", "upper"))  # the same way up as the images under them
     out = plot(display, maps, [classes[i] for i in labels.tolist()], [classes[i] for i in predicted.tolist()],
                cfg.method, run_dir / f"{cfg.method}.png")
     torch.save({"maps": maps, "images": display, "labels": labels.cpu(), "predicted": predicted.cpu(),

@@ -40,6 +40,18 @@ def padded_size(size: int, multiple: int) -> int:
     return size + (-size % multiple)
 
 
+# spec["image_origin"]: where a data module's image row 0 is drawn. "lower" puts it at the bottom, as spectrograms are
+# drawn (row 0 = the lowest frequency band); the names are matplotlib's imshow(origin=...).
+IMAGE_ORIGINS = ("upper", "lower")
+
+
+def as_drawn(images: torch.Tensor, origin: str = "upper") -> torch.Tensor:
+    """Images [..., H, W] the way their data is drawn: row 0 at the top ("upper") or at the bottom ("lower")."""
+    if origin not in IMAGE_ORIGINS:
+        raise ValueError(f"image origin {origin!r}: expected one of {', '.join(IMAGE_ORIGINS)}")
+    return images.flip(-2) if origin == "lower" else images
+
+
 def grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
     """[N, C, H, W] in [0, 1] -> one [C, H', W'] image, `nrow` images per row (default: a square)."""
     from torchvision.utils import make_grid  # torchvision's import is not free: only when a grid is made

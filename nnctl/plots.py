@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 import torch
 
+from nnctl.images import as_drawn
+
 
 def pyplot() -> Any:
     """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
@@ -26,10 +28,16 @@ def save(fig: Any, path: Path, dpi: int = 100) -> Path:
 
 
 def display_images(data: Any, x: torch.Tensor) -> torch.Tensor:
-    """Undo the data module's normalization: float [B, C, H, W] -> [B, H, W, C] in [0, 1] for imshow."""
-    norm = data.normalize  # out = x_uint8 * scale + shift
-    raw = (x.float() - norm.shift.to(x.device)) / norm.scale.to(x.device)  # [B, C, H, W] in 0..255
-    return (raw / 255.0).clamp(0, 1).permute(0, 2, 3, 1).cpu()  # [B, H, W, C]
+    """A batch of the data module's inputs -> [B, H, W, C] in [0, 1] for imshow, drawn the data's way up (the
+    spec's `image_origin`). Image data: its normalization undone; data that draws itself (`pixels`, e.g. audio
+    as log-mel images): that drawing."""
+    if hasattr(data, "pixels"):
+        images = data.pixels(x).float()  # [B, C, H, W] in [0, 1]
+    else:
+        norm = data.normalize  # out = x_uint8 * scale + shift
+        raw = (x.float() - norm.shift.to(x.device)) / norm.scale.to(x.device)  # [B, C, H, W] in 0..255
+        images = (raw / 255.0).clamp(0, 1)
+    return as_drawn(images, data.spec.get("image_origin", "upper")).permute(0, 2, 3, 1).cpu()  # [B, H, W, C]
 
 
 def show(ax: Any, image: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from nnctl.errors import UserError
-from nnctl.images import Pixels, grid, save_png
+from nnctl.images import Pixels, as_drawn, grid, save_png
 
 INTERPOLATION_STEPS = 8  # images per interpolation row
 
@@ -119,14 +119,14 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         images = _reconstruct(engine, n)
     audio = "frontend" in engine.spec and cfg.mode == "sample"  # log-mel images of a data=audio_* logmel run
     if audio:
-        from nnctl.audio import spectrogram_view, write_clips
+        from nnctl.audio import write_clips
 
         if labels is None and getattr(model, "conditional", False):  # the classes model.sample cycled through
             labels = torch.arange(n, device=device) % model.num_classes
         wav_dir = Path(cfg.get("wav_dir") or Path(cfg.out).with_suffix(""))
         write_clips(images, engine.spec, labels, wav_dir, int(cfg.get("griffin_lim_iters", 32)), int(cfg.seed))
         console.print(f"nnctl sample: wrote {len(images)} .wav file(s) to {wav_dir}")
-        images = spectrogram_view(images)
+    images = as_drawn(images, engine.spec.get("image_origin", "upper"))  # as the data draws them (spectrograms)
     if cfg.out_dir:
         for i, image in enumerate(images):
             save_png(image, Path(cfg.out_dir) / f"{i:04d}.png")

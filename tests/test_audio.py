@@ -16,6 +16,7 @@ import torch
 from fixtures import wait_for
 from nnctl import checkpoint as ck
 from nnctl.cli import main
+from nnctl.objectives.generative import GRID_SEED
 
 TONES = ["data=audio_tones", "data.num_samples=320", "data.num_classes=4", "data.batch_size=16",
          "data.sample_rate=4000", "model=audio_cnn", "model.backbone.channels=[8,16]", "trainer.device=cpu",
@@ -183,3 +184,79 @@ def test_generator_trains_and_samples_valid_deterministic_wavs(tmp_path: Path) -
         wave, rate = sf.read(str(a))
         assert rate == 4000 and wave.shape == (2000,) and np.isfinite(wave).all()
     assert (tmp_path / "a.png").is_file()
+    # the validation grid is drawn as nnctl sample draws spectrograms: the grid's seed gives the same PNG
+    assert main(["sample", f"ckpt={run}", "num_samples=4", f"out={tmp_path / 'grid'}.png", f"seed={GRID_SEED}",
+                 "griffin_lim_iters=1", "device=cpu"]) == 0
+    assert _png(tmp_path / "grid.png").tolist() == _png(run / "samples" / "epoch_001.png").tolist()
+
+
+def _png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def _loudest_row(images: torch.Tensor) -> torch.Tensor:
+    """Images [B, ..., H, W] (channels anywhere before H) -> the row of each with the most energy [B]."""
+    return images.flatten(1, -3).mean(1).mean(-1).argmax(-1)
+
+
+@pytest.mark.parametrize("representation", ["waveform", "logmel"])
+def test_plots_and_grids_draw_low_frequencies_at_the_bottom(audio_root: tuple[Path, int], representation: str,
+                                                           tmp_path: Path) -> None:
+    from nnctl.objectives.generative import DiffusionObjective
+    from nnctl.plots import display_images
+    from nnctl.spec import complete
+
+    data = _folder_data(audio_root[0], representation=representation)
+    x, y = data.splits["train"]
+    low, high = y == data.classes.index("low"), y == data.classes.index("high")  # 440 Hz vs 1500 Hz sines
+    drawn = display_images(data, x).permute(0, 3, 1, 2)  # what nnctl eval's worst_k.png and nnctl explain show
+    rows = _loudest_row(drawn)
+    height = drawn.shape[2]
+    assert (rows[low] > height // 2).all() and (rows[low].min() > rows[high].max())  # row 0 is the top of a PNG
+    if representation == "waveform":
+        return  # the per-epoch grids below are a generator's: generators learn log-mel images
+
+    class Replay(torch.nn.Module):  # a "generator" whose samples are the data's own images
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+            return data.pixels(x[torch.cat([low.nonzero()[:1, 0], high.nonzero()[:1, 0]])])  # [low, high]
+
+    class Trackers:
+        def images(self, tag: str, png: Path, step: int) -> None:
+            self.png = png
+
+    objective = complete(DiffusionObjective, data.spec, "objective", grid_samples=2)
+    objective.after_validation(Replay(), data, 1, tmp_path, trackers := Trackers(), 0)
+    grid = torch.from_numpy(_png(trackers.png).astype(np.float32))  # [H', W'] or [H', W', 3]: one row of 2 images
+    grid = grid.mean(-1) if grid.ndim == 3 else grid
+    pad = 2  # the grid's border
+    left, right = grid[pad:pad + height, pad:grid.shape[1] // 2], grid[pad:pad + height, grid.shape[1] // 2:]
+    low_row, high_row = (int(_loudest_row(half[None, None])) for half in (left, right))
+    assert low_row > height // 2 and low_row > high_row
+
+
+def test_spoken_digit_presets_build_the_same_images_and_train_a_step(audio_root: tuple[Path, int],
+                                                                     tmp_path: Path) -> None:
+    """The classifier preset is the generator preset's feature extractor: the same log-mel images (nnctl eval's
+    quality scores refuse a classifier of other shapes)."""
+    from hydra import compose, initialize_config_dir
+
+    from nnctl.engine import Engine
+
+    config_dir = str(Path(__file__).resolve().parents[1] / "configs")
+    shapes = {}
+    for preset in ("spoken_digits_cnn", "spoken_digits_ddpm"):
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            cfg = compose("train", overrides=[f"experiment={preset}", f"data.root={audio_root[0]}",
+                                              "data.batch_size=4", "trainer.device=cpu", "paths.run_dir=unused"])
+        engine = Engine(cfg, tmp_path / preset)
+        shapes[preset] = (engine.spec["in_shape"], engine.spec["image_origin"])
+        for _, loss, _ in engine.objective.training_steps(engine.model, next(engine.data.train_batches(0, 0))):
+            assert loss.ndim == 0 and torch.isfinite(loss)
+    assert shapes["spoken_digits_cnn"] == shapes["spoken_digits_ddpm"] == ((1, 32, 63), "lower")

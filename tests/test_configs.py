@@ -39,11 +39,12 @@ def groups() -> dict[str, list[str]]:
 GROUPS = groups()
 ALL_OPTIONS = [(g, o) for g, options in GROUPS.items() for o in options]
 # Options of other families, built and trained end to end in their own tests (tests/test_generative.py,
-# tests/test_finetune.py, ...) rather than by the image-classifier checks below.
-OTHER_FAMILIES = {"data": {"instructions", "text", "audio_folder", "audio_tones"},  # audio: tests/test_audio.py
+# tests/test_finetune.py, ...) rather than by the image-classifier checks below; audio data, models and the
+# spoken_digits presets in tests/test_audio.py.
+OTHER_FAMILIES = {"data": {"instructions", "text", "audio_folder", "audio_tones", "spoken_digits"},
                   "model": {"gan", "vae", "diffusion", "hf_causal_lm", "gpt", "audio_cnn", "audio_resnet"},
                   "objective": {"gan", "vae", "diffusion", "causal_lm", "language_model"},
-                  "experiment": {"instruct_qlora", "char_gpt"}}
+                  "experiment": {"instruct_qlora", "char_gpt", "spoken_digits_cnn", "spoken_digits_ddpm"}}
 
 
 def image_options(group: str) -> list[str]:
@@ -122,8 +123,9 @@ OTHER_DATA = {"text_classification": ["model=gru", "data.path={texts}"], "tabula
 
 
 # -- data x default model: load the fixtures and run one batch through a model ------------------------------------
-# instructions and audio_folder need a model folder / audio files: tests/test_finetune.py and tests/test_audio.py
-@pytest.mark.parametrize("option", sorted(set(GROUPS["data"]) - set(IMAGE_DATA) - {"instructions", "audio_folder"}))
+# instructions and audio folders need a model folder / audio files: tests/test_finetune.py and tests/test_audio.py
+@pytest.mark.parametrize("option", sorted(set(GROUPS["data"]) - set(IMAGE_DATA)
+                                          - {"instructions", "audio_folder", "spoken_digits"}))
 def test_every_other_data_option_trains_a_step(option: str, tmp_path: Path) -> None:
     assert option in OTHER_DATA, f"data={option} has no model paired with it in OTHER_DATA"
     texts = tmp_path / "texts.csv"

@@ -217,6 +217,8 @@ CASES = [
          r"data\.root: no readable audio files \(\.wav, \.flac, \.ogg\) under .*no_audio/<class>/"),
     case("audio-folder-no-classes", ["train", "data=audio_folder", "data.root={files}/no_classes"],
          r"data\.root: .*no_classes has no class folders; expected .*/<class>/<audio files>"),
+    case("spoken-digits-not-made", ["train", "data=spoken_digits", "data.root={files}/no_digits"],
+         r"data\.root: .*no_digits does not exist; make it with: python bench/spoken_digits\.py .*no_digits$"),
     case("audio-representation-unknown", ["train", "data=audio_tones", "data.representation=mfcc"],
          r"data\.representation: got 'mfcc'; expected waveform or logmel"),
     case("audio-sample-rate-zero", ["train", "data=audio_tones", "data.sample_rate=0"],

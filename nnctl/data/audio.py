@@ -42,13 +42,14 @@ class AudioData:
     def __init__(self, sample_rate: int, clip_seconds: float, batch_size: int, eval_batch_size: int,
                  val_fraction: float, split_seed: int, augment: dict, frontend: dict,
                  representation: str = "waveform", limit: int | None = None, root: str | None = None,
-                 download: bool = False) -> None:
+                 download: bool = False, missing_hint: str | None = None) -> None:
         if representation not in REPRESENTATIONS:
             raise UserError(f"got {representation!r}; choose one of {', '.join(REPRESENTATIONS)}",
                             key="data.representation")
         self.sample_rate, self.num_samples = int(sample_rate), max(1, int(round(sample_rate * clip_seconds)))
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.split_seed, self.limit, self.root = val_fraction, split_seed, limit, root
+        self.missing_hint = missing_hint
         self.shift = int(round(float(augment.get("shift_seconds", 0.0)) * self.sample_rate))
         self.gain_db, self.noise = float(augment.get("gain_db", 0.0)), float(augment.get("noise", 0.0))
         self.frontend = {"sample_rate": self.sample_rate, **dict(frontend)}
@@ -94,8 +95,10 @@ class AudioData:
 
     @property
     def spec(self) -> dict:
+        # image_origin: log-mel images (what the model sees, or the data's image view) have the lowest mel band in
+        # row 0; grids and PNGs draw it at the bottom, as spectrograms are drawn
         common = {"target": "class", "num_classes": self.num_classes, "classes": list(self.classes),
-                  "frontend": dict(self.frontend), "num_samples": self.num_samples}
+                  "frontend": dict(self.frontend), "num_samples": self.num_samples, "image_origin": "lower"}
         if self.representation == "logmel":
             return {**common, "input": "image", "in_shape": self.in_shape, "pixel_mean": [self.mean],
                     "pixel_std": [self.std]}
@@ -128,12 +131,17 @@ class AudioData:
     def sample_images(self, n: int) -> torch.Tensor:
         """Log-mel images [n, 1, n_mels, frames] in [0, 1] of the first `n` training clips, unaugmented: what the
         model sees, for the trackers' `train/samples` grid."""
-        x = self.splits["train"][0][:n]
+        return self.pixels(self.splits["train"][0][:n])
+
+    @torch.no_grad()
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of this data (waveforms, or normalized log-mel images) -> log-mel images [B, 1, n_mels, frames]
+        in [0, 1], lowest band in row 0: how plots (e.g. nnctl eval's worst_k.png) show clips."""
         if self.representation == "logmel":
             return (x * self.std + self.mean).clamp(0, 1)
         from nnctl.audio import frontend
 
-        return frontend(self.frontend).to(self.device).eval()(x)
+        return frontend(self.frontend).to(x.device).eval()(x)
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -171,6 +179,8 @@ class AudioFolder(AudioData):
 
     def load(self) -> tuple[dict[str, Split], list[str]]:
         root = Path(str(self.root))
+        if self.missing_hint and not root.is_dir():  # a dataset made by a script: say how to make it
+            raise UserError(f"{root} does not exist; {self.missing_hint.format(root=root)}", key="data.root")
         split_dirs, train_dir, classes = class_folders(root, "audio files", "*.wav")
         rates: set[int] = set()
         splits = {"train": self._read(train_dir, classes, rates)}

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnctl.images import Pixels, grid, save_png
+from nnctl.images import IMAGE_ORIGINS, Pixels, as_drawn, grid, save_png
 from nnctl.metrics import Averages
 from nnctl.objectives import Objective, Step
 
@@ -42,10 +42,15 @@ def _seeded(y: torch.Tensor) -> Iterator[None]:
 
 
 class Generative(Objective):
-    """Shared by the generative objectives: pixels from batches, and the after-validation grid."""
+    """Shared by the generative objectives: pixels from batches, and the after-validation grid, drawn the way the
+    data's images are (`image_origin` from the data's spec: log-mel spectrograms with low frequencies at the
+    bottom), so it shows what `nnctl sample` writes."""
 
-    def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], grid_samples: int = 64) -> None:
-        self.pixels, self.grid_samples = Pixels(pixel_mean, pixel_std), grid_samples
+    def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], grid_samples: int = 64,
+                 image_origin: str = "upper") -> None:
+        if image_origin not in IMAGE_ORIGINS:
+            raise ValueError(f"image_origin {image_origin!r}: expected one of {', '.join(IMAGE_ORIGINS)}")
+        self.pixels, self.grid_samples, self.image_origin = Pixels(pixel_mean, pixel_std), grid_samples, image_origin
 
     def count(self, batch: Batch) -> int:
         return len(batch[1])
@@ -57,7 +62,7 @@ class Generative(Objective):
         images = model.sample(self.grid_samples, torch.Generator(device=device).manual_seed(GRID_SEED))
         model.train(was_training)
         path = Path(run_dir) / "samples" / f"epoch_{epoch:03d}.png"
-        save_png(grid(images), path)
+        save_png(grid(as_drawn(images, self.image_origin)), path)
         tb.images("samples", path, step)  # the PNG as written: every tracker shows the same pixels
 
 
@@ -67,8 +72,8 @@ class GANObjective(Generative):
     One-sided label smoothing (`label_smoothing` > 0) trains the discriminator towards 1 - s on real images."""
 
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], d_steps_per_g_step: int = 1,
-                 label_smoothing: float = 0.0, grid_samples: int = 64) -> None:
-        super().__init__(pixel_mean, pixel_std, grid_samples)
+                 label_smoothing: float = 0.0, grid_samples: int = 64, image_origin: str = "upper") -> None:
+        super().__init__(pixel_mean, pixel_std, grid_samples, image_origin)
         self.d_steps, self.smoothing = d_steps_per_g_step, label_smoothing
 
     def optimizer_groups(self, net: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -118,8 +123,9 @@ class VAEObjective(Generative):
     Evaluation reports the true bound (beta = 1): `loss` = -ELBO, `elbo`, `rec` and `kl`, all in nats per image."""
 
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], beta: float = 1.0,
-                 kl_warmup_steps: int = 0, sigma: float = 0.1, grid_samples: int = 64) -> None:
-        super().__init__(pixel_mean, pixel_std, grid_samples)
+                 kl_warmup_steps: int = 0, sigma: float = 0.1, grid_samples: int = 64,
+                 image_origin: str = "upper") -> None:
+        super().__init__(pixel_mean, pixel_std, grid_samples, image_origin)
         self.beta, self.warmup, self.sigma = beta, kl_warmup_steps, sigma
 
     def _terms(self, vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,8 +168,8 @@ class DiffusionObjective(Generative):
     `label_dropout` (the unconditional half of classifier-free guidance)."""
 
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], label_dropout: float = 0.1,
-                 grid_samples: int = 64) -> None:
-        super().__init__(pixel_mean, pixel_std, grid_samples)
+                 grid_samples: int = 64, image_origin: str = "upper") -> None:
+        super().__init__(pixel_mean, pixel_std, grid_samples, image_origin)
         self.label_dropout = label_dropout
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None,
