@@ -22,14 +22,15 @@ from typing import Any
 from bench._common import BENCH_DIR, PYTHON, RESULTS_DIR, ROOT, machine_info, verdict
 
 # cheapest first; time_to_accuracy (10 minutes of both cores) last
-BENCHMARKS = ["startup", "data_pipeline", "engine_overhead", "gpt_generate", "gpt_step", "vs_lightning", "distributed",
-              "time_to_accuracy"]
+BENCHMARKS = ["startup", "data_pipeline", "engine_overhead", "gpt_generate", "gpt_step", "finetune_memory",
+              "vs_lightning", "distributed", "time_to_accuracy"]
 TITLES = {
     "startup": "CLI start-up",
     "data_pipeline": "Data pipeline throughput (augmented batches/s)",
     "engine_overhead": "Engine overhead per training step",
     "gpt_generate": "GPT generation with and without the KV cache",
     "gpt_step": "GPT training step vs a nanoGPT-style loop",
+    "finetune_memory": "Fine-tuning a GPT-2: QLoRA vs LoRA vs full (bytes per base weight, peak memory, step time)",
     "vs_lightning": "nnctl vs PyTorch Lightning, per epoch",
     "distributed": "Two processes (DDP, gloo): throughput and engine overhead",
     "time_to_accuracy": "Fashion-MNIST time to accuracy",

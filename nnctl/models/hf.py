@@ -68,8 +68,8 @@ def hf_causal_lm(path: str, dtype: str = "float32", max_len: int | None = None,
     """AutoModelForCausalLM.from_pretrained(path) in `dtype`.
 
     `max_len` (the data's tokens per row) must fit the model's positions. `quantization` (adapter=qlora's 4-bit
-    settings: quant_type, double_quant, compute_dtype) loads the Linear layers as bitsandbytes 4-bit layers through
-    transformers' BitsAndBytesConfig, layer by layer, so the full-precision weights are never all in memory."""
+    settings: quant_type, double_quant, compute_dtype) has transformers load the Linear layers as bitsandbytes
+    4-bit layers through a BitsAndBytesConfig, each weight quantized as it is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype not in DTYPES:
