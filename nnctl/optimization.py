@@ -129,8 +129,8 @@ class Optimization:
     def _skip_nonfinite(self, loss: torch.Tensor, step: int) -> bool:
         """True when this step's loss is NaN/inf (its update is skipped); stops after max_bad_steps in a row.
 
-        The guarantee: every loss is checked, and a non-finite one is caught before the next checkpoint, so the
-        last good checkpoint is kept. On the CPU each loss is checked before its own update. On a GPU the losses
+        The guarantee: every update's loss is checked, and a non-finite one is caught before the next checkpoint,
+        so the last good checkpoint is kept. On the CPU each loss is checked before its own update. On a GPU the losses
         wait on the device and are checked on logging steps, so a non-finite loss is caught within
         trainer.log_every_n_steps steps, and before every checkpoint (check_losses).
         """
