@@ -18,16 +18,24 @@ if TYPE_CHECKING:
     from nnctl.engine import Engine
 
 
+LATEST = "latest"  # a monitor under which each check is the best so far: best.pt = the most recent weights
+
+
 class Tracker:
-    """Best value of a monitored metric, and how many checks in a row failed to improve it."""
+    """Best value of a monitored metric, and how many checks in a row failed to improve it. Monitor `latest`: every
+    check improves (models whose validation numbers do not rank them, e.g. a GAN's adversarial losses)."""
 
     def __init__(self, monitor: str, mode: str, min_delta: float = 0.0, key: str = "monitor") -> None:
-        self.monitor, self.sign, self.min_delta = monitor, (1.0 if mode == "max" else -1.0), min_delta
+        self.monitor, self.min_delta = monitor, min_delta
+        self.sign = 1.0 if mode == "max" or monitor == LATEST else -1.0  # latest: the newest ranks first
         self.key = key  # the config key that named the monitor, for error messages
         self.best, self.bad_checks = -math.inf, 0
 
     def update(self, metrics: dict[str, float]) -> bool:
         """Record this check's value; True when it is the best so far."""
+        if self.monitor == LATEST:
+            self.bad_checks = 0
+            return True
         if self.monitor not in metrics:
             raise UserError(f"metric {self.monitor!r} is not produced by this run; choose one of "
                             f"{', '.join(sorted(metrics))}", key=self.key)
@@ -159,7 +167,8 @@ def save_last(engine: "Engine") -> Path | None:
 def _keep_top_k(engine: "Engine", state: dict[str, Any], metrics: dict[str, float], directory: Path,
                 k: int) -> None:
     name = engine.best.monitor.replace("/", "_")
-    ck.save_checkpoint(state, directory / f"epoch={engine.epoch:03d}-{name}={metrics[engine.best.monitor]:.4f}.pt")
+    value = engine.epoch if engine.best.monitor == LATEST else metrics[engine.best.monitor]  # latest: by epoch
+    ck.save_checkpoint(state, directory / f"epoch={engine.epoch:03d}-{name}={value:.4f}.pt")
     ranked = sorted(directory.glob("epoch=*.pt"), key=lambda p: engine.best.sign * float(p.stem.split("=")[-1]),
                     reverse=True)
     for stale in ranked[k:]:

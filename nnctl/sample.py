@@ -132,7 +132,11 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
             save_png(image, Path(cfg.out_dir) / f"{i:04d}.png")
         where = str(cfg.out_dir)
     else:
-        nrow = cfg.nrow or (INTERPOLATION_STEPS if cfg.mode == "interpolate" else None)
+        from nnctl.objectives.generative import class_columns
+
+        cycling = cfg.mode == "sample" and labels is None  # a conditional model's samples cycle through the classes
+        nrow = cfg.nrow or (INTERPOLATION_STEPS if cfg.mode == "interpolate" else
+                            class_columns(model) if cycling else None)
         if cfg.mode == "reconstruct":
             nrow = 2 * (cfg.nrow or 4)  # pairs side by side
         save_png(grid(images, nrow), Path(cfg.out))

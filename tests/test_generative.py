@@ -19,20 +19,20 @@ from PIL import Image
 from nnctl import checkpoint as ck
 from nnctl.cli import main
 
-BASE = ["data=digits", "data.batch_size=32", "data.augment.crop_padding=0", "trainer/checkpoint=loss",
-        "trainer.deterministic=true", "trainer.progress=false", "trainer.device=cpu", "trainer.max_epochs=3",
+BASE = ["data=digits", "data.batch_size=32", "data.augment.crop_padding=0", "trainer.deterministic=true", "trainer.progress=false", "trainer.device=cpu", "trainer.max_epochs=3",
         "trainer.log_every_n_steps=5", "optimizer=adam"]
 FAMILIES = {
     "gan": ["model=gan", "objective=gan", "model.arch=mlp", "model.hidden=64", "model.latent_dim=16",
             "optimizer.lr=2e-4", "optimizer.betas=[0.5,0.999]", "scheduler=none", "objective.label_smoothing=0.1",
-            "objective.grid_samples=16"],
+            "objective.grid_samples=16", "trainer/checkpoint=loss"],
     "dcgan": ["model=gan", "model.width=16", "model.latent_dim=16", "model.conditional=true", "optimizer.lr=2e-4",
               "optimizer.betas=[0.5,0.999]", "scheduler=none", "trainer.max_epochs=2"],  # objective=auto
     "vae": ["model=vae", "objective=vae", "model.channels=[8,16]", "model.hidden=64", "model.latent_dim=4",
-            "objective.kl_warmup_steps=30", "optimizer.lr=3e-3", "objective.grid_samples=16"],
+            "objective.kl_warmup_steps=30", "optimizer.lr=3e-3", "objective.grid_samples=16",
+            "trainer/checkpoint=loss"],
     "diffusion": ["model=diffusion", "objective=diffusion", "model.channels=[16,32]", "model.conditional=true",
                   "model.sample_steps=4", "model.timesteps=100", "optimizer.lr=2e-3", "trainer/ema=on",
-                  "trainer.ema.decay=0.9", "objective.grid_samples=16"],
+                  "trainer.ema.decay=0.9", "objective.grid_samples=16", "trainer/checkpoint=loss"],
 }
 
 
@@ -71,7 +71,12 @@ def test_trains_and_writes_sample_grids(name: str, runs: dict[str, Path]) -> Non
     epochs = 2 if name == "dcgan" else 3
     assert sorted(p.name for p in (run / "samples").iterdir()) == [f"epoch_{e:03d}.png" for e in range(1, epochs + 1)]
     assert "samples" in _images(run)
+    if name in ("dcgan", "diffusion"):  # conditional: one column per class (10 digits of 8x8, 2-px borders)
+        with Image.open(run / "samples" / "epoch_001.png") as image:
+            assert image.size[0] == 10 * 10 + 2
     metrics = json.loads((run / "metrics.json").read_text())
+    if name == "dcgan":  # checkpoint.monitor=auto: a GAN's best.pt is its newest epoch, not its lowest loss
+        assert metrics["monitor"] == "latest" and metrics["best_epoch"] == epochs
     assert all(math.isfinite(v) for split in ("train", "val", "test") for v in metrics[split].values())
     if name == "vae":  # the ELBO improves; its parts are reported in nats per image
         elbo = _scalars(run, "val/elbo")
@@ -137,6 +142,8 @@ def test_sample_modes(runs: dict[str, Path], tmp_path: Path) -> None:
             assert im.size == (8 * 10 + 2, 2 * 10 + 2)  # two rows of 8 steps
     with Image.open(_sample(tmp_path, runs["vae"], "rec.png", "mode=reconstruct", "num_samples=8")) as im:
         assert im.size == (8 * 10 + 2, 2 * 10 + 2)  # 8 test images beside their reconstructions
+    with Image.open(_sample(tmp_path, runs["diffusion"], "classes.png", "num_samples=20", "steps=2")) as im:
+        assert im.size == (10 * 10 + 2, 2 * 10 + 2)  # cycling through the classes: one column per class
     a = _sample(tmp_path, runs["diffusion"], "ddpm3.png", "class_label=3", "sampler=ddpm", "num_samples=4")
     b = _sample(tmp_path, runs["diffusion"], "ddim3.png", "class_label=3", "sampler=ddim", "num_samples=4")
     assert _digest(a) != _digest(b)

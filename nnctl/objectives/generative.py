@@ -62,14 +62,24 @@ class Generative(Objective):
         images = model.sample(self.grid_samples, torch.Generator(device=device).manual_seed(GRID_SEED))
         model.train(was_training)
         path = Path(run_dir) / "samples" / f"epoch_{epoch:03d}.png"
-        save_png(grid(as_drawn(images, self.image_origin)), path)
+        save_png(grid(as_drawn(images, self.image_origin), class_columns(model)), path)
         tb.images("samples", path, step)  # the PNG as written: every tracker shows the same pixels
+
+
+def class_columns(model: nn.Module) -> int | None:
+    """Images per grid row for samples that cycle through the classes (a conditional model's default): one column
+    per class, so each column shows one class. None (a square grid) for unconditional models."""
+    return model.num_classes if getattr(model, "conditional", False) else None
 
 
 class GANObjective(Generative):
     """Non-saturating GAN loss: the discriminator `d_steps_per_g_step` times, then the generator, per batch.
 
-    One-sided label smoothing (`label_smoothing` > 0) trains the discriminator towards 1 - s on real images."""
+    One-sided label smoothing (`label_smoothing` > 0) trains the discriminator towards 1 - s on real images.
+    best.pt holds the latest weights: adversarial losses do not rank generators (a low discriminator loss can mean
+    a failing generator); `nnctl eval eval.feature_ckpt=...` judges samples."""
+
+    monitor = ("latest", "max")  # trainer.checkpoint.monitor=auto (nnctl.run_state.LATEST)
 
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], d_steps_per_g_step: int = 1,
                  label_smoothing: float = 0.0, grid_samples: int = 64, image_origin: str = "upper") -> None:
