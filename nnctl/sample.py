@@ -110,6 +110,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         return {"export": str(cfg.export)}
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     labels = labels_for(model, cfg, n, device)
+    cycling = cfg.mode == "sample" and labels is None  # a conditional model's samples cycle through the classes
     options = sample_options(model, cfg)
     if cfg.mode == "sample":
         images = model.sample(n, gen, labels, **options)
@@ -134,7 +135,6 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     else:
         from nnctl.objectives.generative import class_columns
 
-        cycling = cfg.mode == "sample" and labels is None  # a conditional model's samples cycle through the classes
         nrow = cfg.nrow or (INTERPOLATION_STEPS if cfg.mode == "interpolate" else
                             class_columns(model) if cycling else None)
         if cfg.mode == "reconstruct":
