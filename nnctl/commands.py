@@ -27,7 +27,8 @@ def _default_config_dir() -> Path:
 CONFIG_DIR = Path(os.environ.get("NNCTL_CONFIG_DIR") or _default_config_dir())
 GROUPS = ("model", "data", "objective", "optimizer", "scheduler", "precision", "adapter", "trainer", "logger")
 EVAL_PATCHABLE = ("data", "trainer", "eval")
-EVAL_ONLY = ("worst_k", "feature_ckpt", "quality_samples", "sampler", "steps", "guidance")  # eval.* keys of eval/explain itself, not of the run
+# eval.* keys of eval/explain itself, not of the run
+EVAL_ONLY = ("worst_k", "feature_ckpt", "quality_samples", "sampler", "steps", "guidance", "guidance_rescale")
 
 log = logging.getLogger(__name__)
 JOBS: list[dict[str, Any]] = []  # one entry per job of this process (multirun summary)

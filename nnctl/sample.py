@@ -40,7 +40,7 @@ def sample_options(model: nn.Module, cfg: DictConfig, prefix: str = "") -> dict[
     refused by models whose `sample` does not take them."""
     from nnctl.spec import accepted
 
-    given = {k: cfg[k] for k in ("sampler", "steps", "guidance") if cfg.get(k) is not None}
+    given = {k: cfg[k] for k in ("sampler", "steps", "guidance", "guidance_rescale") if cfg.get(k) is not None}
     names, _ = accepted(model.sample)
     for key in given:
         if names is not None and key not in names:

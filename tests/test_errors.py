@@ -372,6 +372,8 @@ CASES = [
     case("sample-steps-above-schedule", ["sample", "ckpt={ddpm}", "steps=101"],
          r"steps: got 101; this model was trained with a 100-step noise schedule"),
     case("sample-steps-on-a-gan", ["sample", "ckpt={gan}", "steps=10"], r"steps: a GAN has no steps setting"),
+    case("sample-guidance-rescale-range", ["sample", "ckpt={ddpm}", "guidance=2.0", "guidance_rescale=1.5"],
+         r"guidance_rescale: got 1\.5; expected a number from 0 \(off\) to 1"),
     case("sample-reconstruct-gan", ["sample", "ckpt={gan}", "mode=reconstruct"], r"mode: a GAN does not reconstruct"),
     case("eval-guidance-on-a-gan", ["eval", "ckpt={gan}", "eval.feature_ckpt={run}", "eval.guidance=2.0"],
          r"eval\.guidance: a .* has no guidance setting \(only diffusion models do\)"),

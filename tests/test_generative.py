@@ -129,6 +129,10 @@ def test_sample_is_deterministic_per_seed(name: str, runs: dict[str, Path], tmp_
     b = _sample(tmp_path, runs[name], "b.png", "num_samples=12", "nrow=4", *extra)
     c = _sample(tmp_path, runs[name], "c.png", "num_samples=12", "nrow=4", "seed=1", *extra)
     assert _digest(a) == _digest(b) != _digest(c)
+    if name == "diffusion":  # rescaled guidance: its own images, the same for the same seed
+        r1, r2 = (_sample(tmp_path, runs[name], f"r{i}.png", "num_samples=12", "nrow=4", "guidance_rescale=0.7",
+                          *extra) for i in (1, 2))
+        assert _digest(r1) == _digest(r2) != _digest(a)
     with Image.open(a) as image:  # 3 rows of 4 8x8 images with 2-px borders
         assert image.size == (4 * 10 + 2, 3 * 10 + 2)
     assert main(["sample", f"ckpt={runs[name]}", f"out_dir={tmp_path / 'each'}", "num_samples=5", "device=cpu",

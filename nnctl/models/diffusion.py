@@ -31,7 +31,7 @@ class Diffusion(nn.Module):
                  layers_per_block: int = 1, attention: bool = True, norm_groups: int = 8,
                  timesteps: int = 1000, schedule: str = "linear", prediction: str = "epsilon",
                  conditional: bool = False, sampler: str = "ddim", sample_steps: int = 50,
-                 guidance: float = 1.0) -> None:
+                 guidance: float = 1.0, guidance_rescale: float = 0.0) -> None:
         super().__init__()
         from diffusers import UNet2DModel
 
@@ -54,6 +54,7 @@ class Diffusion(nn.Module):
                                 "prediction_type": _choice(prediction, PREDICTIONS, "model.prediction")}
         self.sampler, self.sample_steps, self.guidance = _choice(sampler, SAMPLERS, "model.sampler"), sample_steps, \
             guidance
+        self.guidance_rescale = guidance_rescale
         self._noise: Any = None
 
     @property
@@ -95,11 +96,16 @@ class Diffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
-               sampler: str | None = None, steps: int | None = None, guidance: float | None = None) -> torch.Tensor:
+               sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
+               guidance_rescale: float | None = None) -> torch.Tensor:
         """n images [n, C, H, W], pixels in [0, 1]: ancestral DDPM or DDIM from pure noise. A conditional model
-        cycles through the classes by default; guidance > 1 is classifier-free guidance (two passes per step)."""
+        cycles through the classes by default; guidance > 1 is classifier-free guidance (two passes per step),
+        `guidance_rescale` in [0, 1] blends in the guided prediction rescaled to the conditional one's spread."""
         scheduler = self.sampler_for(sampler, steps)
         guidance = self.guidance if guidance is None else guidance
+        rescale = self.guidance_rescale if guidance_rescale is None else guidance_rescale
+        if not 0.0 <= rescale <= 1.0:
+            raise UserError(f"got {rescale}; expected a number from 0 (off) to 1", key="guidance_rescale")
         device = next(self.parameters()).device
         x = torch.randn(n, *self.in_shape, generator=generator, device=device)
         if self.conditional and labels is None:
@@ -111,6 +117,10 @@ class Diffusion(nn.Module):
                 both = self(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, unlabeled]))  # [2n, ...]
                 cond, uncond = both.chunk(2)
                 out = uncond + guidance * (cond - uncond)
+                if rescale > 0:  # over-exposure fix of Lin et al. 2024 (diffusers' rescale_noise_cfg), per image
+                    dims = tuple(range(1, out.ndim))
+                    matched = out * (cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+                    out = rescale * matched + (1 - rescale) * out
             else:
                 out = self(x, tt, labels)
             x = scheduler.step(out, t, x, generator=generator).prev_sample
