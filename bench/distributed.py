@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["engine ms/step under DDP", over["engine_ms_per_step"]],
         ["bare DDP loop ms/step", over["bare_ms_per_step"]],
         ["engine / bare (median of pairs)", over["ratio_median"]],
+        ["engine overhead us/step", over["overhead_us_per_step"]],
     ])
     print("\n" + text)
     print(f"goal engine/bare <= {GOAL_RATIO}: {verdict(met)}")

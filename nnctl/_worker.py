@@ -50,7 +50,7 @@ def _main(argv: list[str]) -> int:
         logging.getLogger().addHandler(handler)
         logging.getLogger().setLevel(logging.INFO)
     try:
-        state = ck.load_checkpoint(Path(cfg.resume), key="resume") if cfg.resume else None
+        state = ck.load_checkpoint(Path(cfg.resume), key="resume", shards=False) if cfg.resume else None
         train(cfg, run_dir, state)
     except Interrupted as exc:
         if dist.main:

@@ -37,6 +37,7 @@ EXTRA = "extra"                 # state of optional components (e.g. EMA weights
 DATA = "data_state"             # what the data module built and the model depends on (e.g. a tokenizer)
 LOGGERS = "loggers"             # experiment-tracker runs to continue on resume (MLflow / W&B run ids), by logger
 BASE = "base"                   # adapter runs: what identifies the frozen base (init_from path + sha256, fingerprint)
+SHARDS = "shards"               # sharded checkpoints: the folder (relative to the .pt) holding the weights' shards
 
 BEST, LAST = "best.pt", "last.pt"
 
@@ -104,11 +105,17 @@ def resolve_checkpoint(path: str | Path, prefer: str = BEST, key: str = "ckpt") 
     return p
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", key: str = "ckpt") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", key: str = "ckpt",
+                    shards: bool = True) -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint`. Anything else is refused with a UserError naming `key`.
 
     torch.load runs with weights_only=True: a file that would need arbitrary classes or functions to unpickle
     (and so could run code) is refused before anything in it runs.
+
+    A sharded checkpoint (nnctl.sharded) comes back, with `shards`, as a plain one: the whole model read from its
+    folder in this process, without the optimizer state (only resume needs it). `shards=False` (resume, the
+    processes of a job) leaves the weights in the folder, whose path SHARDS then gives, for every rank to read
+    its own part.
     """
     path = Path(path)
     try:
@@ -156,6 +163,15 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", key: s
     except Exception as exc:
         raise UserError(f"{path} holds an unreadable config ({_brief(exc)}); use another checkpoint",
                         key=key) from exc
+    if SHARDS in state:
+        from nnctl import sharded
+
+        folder = sharded.folder_of(path, state, key)
+        if not shards:
+            return {**state, SHARDS: str(folder)}
+        weights = sharded.read_model(folder, state[MODEL])
+        state = {k: v for k, v in state.items() if k not in (SHARDS, OPTIMIZER)}
+        state[MODEL] = {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
     return state
 
 

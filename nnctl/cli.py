@@ -12,7 +12,7 @@ COMMANDS = {
     "explain": "attribution maps: nnctl explain ckpt=PATH method=gradcam|integrated_gradients|saliency|occlusion",
     "summary": "ranked table of a sweep or tune study: nnctl summary SWEEP_DIR",
     "sample": "draw images from a generative checkpoint: nnctl sample ckpt=PATH [num_samples=64] [out=grid.png]",
-    "export": "export a checkpoint's model: nnctl export ckpt=PATH out=DIR [merge=false]",
+    "export": "export a checkpoint's model: nnctl export ckpt=PATH out=DIR [merge=false] [format=checkpoint]",
     "submit": "run nnctl train as a SLURM job (submitit): nnctl submit --nodes 2 --gpus-per-node 4 -- [overrides]",
     "generate": "continue text from a language-model checkpoint: nnctl generate ckpt=PATH prompt='...'",
 }

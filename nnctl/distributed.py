@@ -63,6 +63,7 @@ class Dist:
         self.strategy = "ddp"
         self.published = False  # rank 0 of an external launch has told the others its run dir
         self._pending: tuple[Any, Any] | None = None  # (work, tensor) of the signal vote in flight
+        self.in_turn: Any = None  # the model whose gradients average_gradients all-reduces (see wrap)
 
     @property
     def main(self) -> bool:
@@ -129,15 +130,23 @@ class Dist:
             console.print(line)
         return data.shard(self.rank, self.world) if hasattr(data, "shard") else Sharded(data, self.rank, self.world)
 
-    def wrap(self, net: "nn.Module", device: "torch.device") -> "nn.Module":
+    def wrap(self, net: "nn.Module", device: "torch.device", in_turn: bool = False,
+             sync_batchnorm: bool = False) -> "nn.Module":
         """The module that runs training forward passes: DDP around `net`, or `net` itself sharded in place by
-        FSDP2 (each of its `blocks`, then the root). `net` keeps its parameter names either way."""
+        FSDP2 (each of its `blocks`, then the root). `net` keeps its parameter names either way.
+
+        `in_turn`: the objective updates parts of the model in turn, calling them directly (a GAN), which DDP's
+        gradient hooks never see; `net` then stays as it is, starts from rank 0's weights as under DDP, and
+        `average_gradients` all-reduces before each update. `sync_batchnorm`: batch norm layers normalize with the
+        statistics of the global batch (torch's SyncBatchNorm, GPUs only)."""
         if self.world == 1:
             return net
+        import torch.nn as nn
+
+        if sync_batchnorm:  # in place: the layers are children of `net`
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
-
-            import torch.nn as nn
 
             for holder in [m for m in net.modules() if isinstance(getattr(m, "blocks", None),
                                                                   (nn.ModuleList, nn.Sequential))]:
@@ -145,9 +154,45 @@ class Dist:
                     fully_shard(block)
             fully_shard(net)
             return net
+        if in_turn:
+            self.in_turn = net
+            self._broadcast(list(net.state_dict().values()))  # what DDP's constructor does
+            return net
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def average_gradients(self, params: list["torch.Tensor"]) -> None:
+        """Objectives that update in turn (see `wrap`): the gradients of the parameters about to be updated,
+        averaged over ranks, and the buffers (batch norm statistics) made rank 0's, as DDP's backward and forward
+        do. Nothing otherwise."""
+        if self.in_turn is None or not self.initialized:
+            return
+        import torch.distributed as td
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in params if p.grad is not None]  # the same parameters on every rank
+        if grads:
+            flat = _flatten_dense_tensors(grads)
+            td.all_reduce(flat)
+            flat /= self.world
+            for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(averaged)
+        self._broadcast(list(self.in_turn.buffers()))
+
+    def _broadcast(self, tensors: list["torch.Tensor"]) -> None:
+        """Rank 0's values of `tensors` on every rank (one flat broadcast per dtype)."""
+        import torch.distributed as td
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        by_dtype: dict[Any, list[Any]] = {}
+        for tensor in tensors:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
+        for group in by_dtype.values():
+            flat = _flatten_dense_tensors(group)
+            td.broadcast(flat, 0)
+            for tensor, value in zip(group, _unflatten_dense_tensors(flat, group)):
+                tensor.copy_(value)
 
     def accumulating(self, model: "nn.Module", skip_sync: bool) -> Any:
         """Around a micro-batch that does not step (gradient accumulation): DDP keeps its gradients local and
@@ -158,7 +203,7 @@ class Dist:
             return model.no_sync()
         return contextlib.nullcontext()
 
-    # -- state: full single-file checkpoints under either strategy ----------------------------------------------------
+    # -- state: full single-file checkpoints under either strategy, or each rank's shards ---------------------------
     @property
     def _sharded(self) -> bool:
         return self.world > 1 and self.strategy == "fsdp"
@@ -171,6 +216,13 @@ class Dist:
 
         return get_model_state_dict(_resharded(net), options=_full_options())
 
+    def local_model_state(self, net: "nn.Module") -> dict[str, Any]:
+        """This rank's shards of the weights (DTensors under FSDP, the whole model otherwise), gathering nothing:
+        what a sharded checkpoint saves."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(_resharded(net))
+
     def load_model_state(self, net: "nn.Module", weights: dict[str, Any]) -> None:
         if not self._sharded:
             net.load_state_dict(weights)
@@ -179,21 +231,30 @@ class Dist:
 
         set_model_state_dict(net, weights, options=StateDictOptions(full_state_dict=True))
 
-    def optimizer_state(self, net: "nn.Module", optimizer: "torch.optim.Optimizer") -> dict[str, Any]:
-        if not self._sharded:
+    def load_local_model_state(self, net: "nn.Module", weights: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(net, weights)
+
+    def optimizer_state(self, net: "nn.Module", optimizer: "torch.optim.Optimizer",
+                        local: bool = False) -> dict[str, Any]:
+        """The optimizer's state: whole (gathered under FSDP), or with `local` this rank's shards, keyed by
+        parameter name (torch.distributed.checkpoint's layout, which any number of processes can load)."""
+        if not (self._sharded or local):
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(_resharded(net), optimizer, options=_full_options())
+        return get_optimizer_state_dict(_resharded(net), optimizer, options=None if local else _full_options())
 
-    def load_optimizer_state(self, net: "nn.Module", optimizer: "torch.optim.Optimizer",
-                             state: dict[str, Any]) -> None:
-        if not self._sharded:
+    def load_optimizer_state(self, net: "nn.Module", optimizer: "torch.optim.Optimizer", state: dict[str, Any],
+                             local: bool = False) -> None:
+        if not (self._sharded or local):
             optimizer.load_state_dict(state)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(net, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(net, optimizer, state, options=None if local else
+                                 StateDictOptions(full_state_dict=True))
 
     # -- agreement between ranks --------------------------------------------------------------------------------------
     def reduce(self, sums: "Averages") -> "Averages":
@@ -341,8 +402,31 @@ def spawns(cfg: Any) -> bool:
     refusing settings that cannot work together."""
     t = cfg.trainer
     nproc, nnodes = t.get("nproc_per_node", 1), t.get("nnodes", 1)
-    if nproc * nnodes == 1 and current().world == 1:
+    several = nproc * nnodes > 1 or current().world > 1
+    sharded = t.checkpoint.get("sharded", False)
+    if sharded and t.strategy != "fsdp":
+        raise UserError("sharded checkpoints save the shards FSDP keeps on each process; set trainer.strategy=fsdp, "
+                        "or trainer.checkpoint.sharded=false (a DDP replica saves one whole file)",
+                        key="trainer.checkpoint.sharded")
+    if t.strategy == "fsdp" and t.ema.enabled and (several or sharded):
+        raise UserError("an EMA copy of a model sharded by FSDP is not supported; use trainer/ema=off or "
+                        "trainer.strategy=ddp", key="trainer.strategy")
+    if not several:
         return False
+    if t.get("sync_batchnorm", False):
+        from nnctl.runtime import pick_device
+
+        if pick_device(t.device).type != "cuda":
+            raise UserError("torch's SyncBatchNorm runs on GPUs only; set trainer.sync_batchnorm=false on "
+                            f"{pick_device(t.device).type} (each process then normalizes with its own batch)",
+                            key="trainer.sync_batchnorm")
+    if t.strategy == "fsdp":
+        from nnctl.objectives import objective_class, updates_in_turn
+
+        if updates_in_turn(objective_class(cfg)):
+            raise UserError(f"{objective_class(cfg).__name__} updates parts of the model in turn, calling them "
+                            "outside the model's forward, where FSDP cannot gather their shards; use "
+                            "trainer.strategy=ddp", key="trainer.strategy")
     if current().world > 1 and nproc * nnodes > 1:
         raise UserError(f"this process is already one of {current().world} started by torchrun/srun/submitit; "
                         "drop trainer.nproc_per_node and trainer.nnodes (the launcher sets them)",
@@ -351,9 +435,6 @@ def spawns(cfg: Any) -> bool:
         raise UserError("a job over several nodes meets at one address; set trainer.rdzv_endpoint=HOST:PORT (the "
                         "first node), or launch with srun / torchrun (README: More than one process)",
                         key="trainer.rdzv_endpoint")
-    if t.strategy == "fsdp" and t.ema.enabled:
-        raise UserError("an EMA copy of a model sharded by FSDP is not supported; use trainer/ema=off or "
-                        "trainer.strategy=ddp", key="trainer.strategy")
     return current().world == 1
 
 

@@ -26,6 +26,7 @@ from nnctl.images import as_drawn
 from nnctl.errors import Interrupted, UserError
 from nnctl.interrupts import SignalFlag
 from nnctl.metrics import Averages, StepSums
+from nnctl.objectives import updates_in_turn
 from nnctl.optimization import Optimization, param_groups  # noqa: F401  (param_groups: public via the engine)
 from nnctl.loggers import Loggers, build_loggers, flat_params
 from nnctl.reporting import console, epoch_progress, print_metrics, write_json
@@ -72,11 +73,13 @@ class Engine:
         if t.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
             self.data.memory_format = torch.channels_last
-        model = self.dist.wrap(self.net, self.device)  # DDP / FSDP2 with several processes
-        self.model = torch.compile(model) if t.compile else model  # what runs forward passes
-        self.ema = EMA(self.net, t.ema.decay) if t.ema.enabled else None
         # the model is offered too: objective=auto follows a model that names its objective (generative models)
         self.objective = complete(instantiate(cfg.objective), self.spec, "objective", model=net)
+        # DDP / FSDP2 with several processes; an objective updating in turn (a GAN) averages gradients itself
+        model = self.dist.wrap(self.net, self.device, in_turn=updates_in_turn(type(self.objective)),
+                               sync_batchnorm=getattr(t, "sync_batchnorm", False))
+        self.model = torch.compile(model) if t.compile else model  # what runs forward passes
+        self.ema = EMA(self.net, t.ema.decay) if t.ema.enabled else None
         self._resolve_monitor()
         t = self.t
         self.scaler = self.precision.grad_scaler(self.device)
@@ -328,7 +331,7 @@ class Engine:
         best_path = self.run_dir / "checkpoints" / ck.BEST
         self.dist.barrier()  # rank 0 has written it
         if best_path.is_file():  # test with the best weights, exactly as `nnctl eval` will load them
-            self.load_state_dict(ck.load_checkpoint(best_path, self.device), full=False)
+            self.load_state_dict(ck.load_checkpoint(best_path, self.device, shards=False), full=False)
         test = self.evaluate("test")
         loggers.scalars(test, self.step)
         last, best = self.history.get("last", {}), self.history.get("best", self.history.get("last", {}))

@@ -7,6 +7,9 @@ internals or peft.
   sizes included), so `instantiate(model.yaml)` + `load_state_dict` rebuilds it.
 - merge=false on an adapter checkpoint: the PEFT folder (adapter_model.safetensors, adapter_config.json) for
   peft's `PeftModel.from_pretrained` on the base.
+- format=checkpoint: one nnctl checkpoint file (`out` is the file) that `nnctl eval`, generate, sample and
+  init_from read: the weights (a sharded checkpoint's gathered in this process), config and data state, without
+  optimizer state.
 
 A QLoRA model is merged into float weights holding the values its 4-bit base had in training, so the export
 computes what the adapter model computed.
@@ -25,6 +28,7 @@ from nnctl import checkpoint as ck
 from nnctl.errors import UserError
 
 log = logging.getLogger(__name__)
+FORMATS = ("model", "checkpoint")  # format=: the model alone (safetensors / transformers / peft), or an nnctl .pt
 
 
 def export(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -33,7 +37,11 @@ def export(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     if cfg.out is None or str(cfg.out).strip() == "":
         raise UserError("no output folder given; pass out=DIR", key="out")
+    if cfg.format not in FORMATS:
+        raise UserError(f"got {cfg.format!r}; expected one of {', '.join(FORMATS)}", key="format")
     path = ck.resolve_checkpoint(cfg.ckpt, prefer=ck.BEST)
+    if cfg.format == "checkpoint":
+        return export_checkpoint(path, Path(str(cfg.out)).expanduser())
     state = ck.load_checkpoint(path)
     run_cfg = OmegaConf.create(state[ck.CONFIG])
     adapted = ck.BASE in state
@@ -66,6 +74,20 @@ def export(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     console.print(f"nnctl export: {path} -> {out} ({kind})")
     return {"checkpoint": str(path), "out": str(out), "kind": kind}
+
+
+def export_checkpoint(path: Path, out: Path) -> dict[str, Any]:
+    """`path` as one self-contained checkpoint file at `out`, without optimizer state (so resume refuses it)."""
+    from nnctl.reporting import console
+
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; format=checkpoint writes one file, e.g. out={out / 'model.pt'}",
+                        key="out")
+    state = {k: v for k, v in ck.load_checkpoint(path).items() if k not in (ck.FORMAT, ck.OPTIMIZER)}
+    ck.save_checkpoint(state, out)
+    log.info("exported %s to %s (one checkpoint file)", path, out)
+    console.print(f"nnctl export: {path} -> {out} (checkpoint file)")
+    return {"checkpoint": str(path), "out": str(out), "kind": "checkpoint file"}
 
 
 def save_plain(net: nn.Module, run_cfg: DictConfig, spec: dict[str, Any], out: Path) -> None:

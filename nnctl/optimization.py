@@ -102,6 +102,7 @@ class Optimization:
         if self._skip_nonfinite(loss, step):
             self.zero_grad()
             return None
+        self.dist.average_gradients([p for g in opt.param_groups for p in g["params"]])  # updates in turn (a GAN)
         grad_norm = None
         if self.t.grad_clip_norm is not None or norm:
             self.scaler.unscale_(opt)
@@ -168,16 +169,17 @@ class Optimization:
         return False
 
     # -- checkpoint state -------------------------------------------------------------------------------------------
-    def state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(optimizer states, schedule states), each keyed by group name."""
-        return ({n: self.dist.optimizer_state(self.net, o) for n, o in self.optimizers.items()},
+    def state_dict(self, local: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(optimizer states, schedule states), each keyed by group name. `local`: each optimizer's state as this
+        rank's shards (sharded checkpoints), else whole."""
+        return ({n: self.dist.optimizer_state(self.net, o, local) for n, o in self.optimizers.items()},
                 {n: s.state_dict() for n, s in self.schedules.items()})
 
-    def load_state_dict(self, optimizers: dict[str, Any], schedules: dict[str, Any]) -> None:
+    def load_state_dict(self, optimizers: dict[str, Any], schedules: dict[str, Any], local: bool = False) -> None:
         if set(optimizers) != set(self.optimizers):
             raise UserError(f"the checkpoint holds optimizer state for {sorted(optimizers)}, this run optimizes "
                             f"{sorted(self.optimizers)}; resume with the configuration it was trained with",
                             key="resume")
         for name, opt in self.optimizers.items():
-            self.dist.load_optimizer_state(self.net, opt, optimizers[name])
+            self.dist.load_optimizer_state(self.net, opt, optimizers[name], local)
             self.schedules[name].load_state_dict(schedules[name])

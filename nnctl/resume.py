@@ -55,7 +55,7 @@ def resume_config(cfg: DictConfig, overrides: Sequence[str], config_dir: Path) -
     if path.parent.name != "checkpoints":  # the run dir is derived from the path; never write next to a loose file
         raise UserError(f"{path} is not inside a run's checkpoints/ dir, so there is no run to continue; pass the "
                         "run dir (outputs/train/<date>/<time>), or start a new run without resume=", key="resume")
-    state = ck.load_checkpoint(path, key="resume")
+    state = ck.load_checkpoint(path, key="resume", shards=False)  # a sharded run's weights stay in its folder
     missing = [k for k in (ck.OPTIMIZER, ck.SCHEDULER, ck.SCALER, ck.BATCH_IN_EPOCH, ck.TRACKERS, ck.RNG)
                if k not in state]
     if missing:

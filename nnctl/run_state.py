@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from nnctl import adapters
+from nnctl import adapters, sharded
 from nnctl import checkpoint as ck
 from nnctl.errors import UserError
 from nnctl.metrics import StepSums
@@ -52,12 +52,15 @@ class Tracker:
 
 
 def state_dict(engine: "Engine", metrics: dict[str, float]) -> dict[str, Any]:
-    """Everything needed to continue exactly. MODEL holds the evaluation weights (EMA when on)."""
-    optimizers, schedules = engine.optim.state_dict() if engine.optim else ({}, {})
+    """Everything needed to continue exactly. MODEL holds the evaluation weights (EMA when on); with sharded
+    checkpoints, MODEL and OPTIMIZER hold this rank's shards (for `sharded.save`)."""
+    local = is_sharded(engine)
+    optimizers, schedules = engine.optim.state_dict(local) if engine.optim else ({}, {})
     state = {
         ck.CONFIG: OmegaConf.to_yaml(engine.stored_cfg, resolve=True),
-        # the whole model (FSDP gathers it from the shards), or for adapter runs only what trained
-        ck.MODEL: adapters.model_state(engine.net, engine.eval_net, engine.dist.model_state),
+        # the whole model (FSDP gathers it from the shards) or this rank's shards; for adapter runs only what trained
+        ck.MODEL: adapters.model_state(engine.net, engine.eval_net,
+                                       engine.dist.local_model_state if local else engine.dist.model_state),
         ck.OPTIMIZER: optimizers,
         ck.SCHEDULER: schedules,
         ck.SCALER: engine.scaler.state_dict(),
@@ -97,7 +100,10 @@ def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None
         from nnctl.finetune import check_base
 
         check_base(state[ck.BASE], base_reference(engine))
-    load_weights(engine.eval_net, state[ck.MODEL], engine.dist.load_model_state)
+    if ck.SHARDS in state:  # a sharded checkpoint: each rank reads its shards of the weights from the folder
+        sharded.load_model(engine, state)
+    else:
+        load_weights(engine.eval_net, state[ck.MODEL], engine.dist.load_model_state)
     if not full:
         return
     extra = state[ck.EXTRA]
@@ -107,7 +113,10 @@ def load_state_dict(engine: "Engine", state: dict[str, Any], full: bool) -> None
         load_weights(engine.net, extra["train_model"])
         engine.ema.updates = int(extra["ema_updates"])
     engine.configure_optimization()
-    engine.optim.load_state_dict(state[ck.OPTIMIZER], state[ck.SCHEDULER])
+    if ck.SHARDS in state:
+        engine.optim.load_state_dict(sharded.load_optimizers(engine, state), state[ck.SCHEDULER], local=True)
+    else:
+        engine.optim.load_state_dict(state[ck.OPTIMIZER], state[ck.SCHEDULER])
     engine.scaler.load_state_dict(state[ck.SCALER])
     engine.epoch, engine.step, engine.batch_in_epoch = state[ck.EPOCH], state[ck.STEP], state[ck.BATCH_IN_EPOCH]
     engine.unfreezing.apply(engine.net, engine.epoch)  # what trains depends on the epoch alone
@@ -132,10 +141,12 @@ def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
     improved = engine.best.update(metrics) if due else False
     if improved:
         engine.history["best"] = dict(metrics, epoch=engine.epoch)
-    if not (c.enabled and due):
+    if not (c.enabled and due and (improved or c.save_last or boundary)):  # alike on every rank (reduced metrics)
         return
     directory = engine.run_dir / "checkpoints"
     state = state_dict(engine, metrics)  # on every rank: FSDP gathers the weights collectively
+    if is_sharded(engine):  # every rank writes its shards; rank 0 gets what the .pt files hold
+        state = sharded.save(directory, state, engine.dist, engine.step)
     if not engine.dist.main:
         return
     if improved:
@@ -148,6 +159,8 @@ def save_epoch(engine: "Engine", metrics: dict[str, float]) -> None:
         ck.save_checkpoint(state, directory / ck.LAST)
     if boundary:  # the model as each stage left it
         ck.save_checkpoint(state, directory / f"stage{engine.stage.index + 1}-{engine.stage.name}.pt")
+    if is_sharded(engine):
+        sharded.collect(directory)
 
 
 PEFT_DIR = "best_peft"  # beside best.pt: adapter_model.safetensors + adapter_config.json
@@ -159,9 +172,18 @@ def save_last(engine: "Engine") -> Path | None:
         return None
     path = engine.run_dir / "checkpoints" / ck.LAST
     state = state_dict(engine, engine.history.get("last", {}))
+    if is_sharded(engine):
+        state = sharded.save(path.parent, state, engine.dist, engine.step)
     if engine.dist.main:
         ck.save_checkpoint(state, path)
+        if is_sharded(engine):
+            sharded.collect(path.parent)
     return path
+
+
+def is_sharded(engine: "Engine") -> bool:
+    """Whether this run saves sharded checkpoints (trainer.checkpoint.sharded; absent in older runs' configs)."""
+    return bool(getattr(engine.t.checkpoint, "sharded", False))
 
 
 def _keep_top_k(engine: "Engine", state: dict[str, Any], metrics: dict[str, float], directory: Path,

@@ -263,11 +263,13 @@ RULES: list[Rule] = [
     Rule("trainer.checkpoint.save_top_k", INT, lambda v: v >= 0, "an integer >= 0"),
     Rule("trainer.checkpoint.save_last", BOOL, None, "true or false"),
     Rule("trainer.checkpoint.every_n_epochs", INT, lambda v: v >= 1, "an integer >= 1"),
+    Rule("trainer.checkpoint.sharded", BOOL, None, "true or false"),
     Rule("trainer.nproc_per_node", INT, lambda v: v >= 1, "an integer >= 1 (processes on this node)"),
     Rule("trainer.nnodes", INT, lambda v: v >= 1, "an integer >= 1"),
     Rule("trainer.rdzv_endpoint", STR, lambda v: re.fullmatch(r"[\w.\-\[\]:]+:\d+", v) is not None,
          "HOST:PORT of the first node, e.g. trainer.rdzv_endpoint=node001:29500, or null", nullable=True),
     Rule("trainer.strategy", STR, lambda v: v in STRATEGIES, lambda: "one of " + ", ".join(STRATEGIES)),
+    Rule("trainer.sync_batchnorm", BOOL, None, "true or false"),
     Rule("trainer.dist_backend", STR, lambda v: v in BACKENDS, lambda: "one of " + ", ".join(BACKENDS)),
     Rule("trainer.dist_timeout", NUM, _positive, "a number of seconds > 0, e.g. 300"),
     # -- search (nnctl tune) ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ BASE = ["data=digits", "model=mlp", "model.hidden_sizes=[32]", "model.batch_norm
 TWO = ["data.batch_size=16", "trainer.nproc_per_node=2"]
 ONE = ["data.batch_size=32"]
 EPOCHS = 3
+STARTED = 600  # seconds for a background job's three processes to start and save epoch 1 on a busy machine
+Spawn = Callable[[Path, list[str]], subprocess.Popen]
 
 
 def _metrics(run: Path) -> dict:
@@ -84,20 +87,63 @@ def test_checkpoint_of_two_processes_evaluates_in_one(two: Path, tmp_path: Path)
     assert all(abs(evaluated[k] - trained[k]) < 1e-5 for k in trained)
 
 
-def _spawn(run: Path, extra: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nnctl", "train", *BASE, *TWO, f"hydra.run.dir={run}", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Starts `nnctl train` jobs (2 processes) in the background; a job a failed test leaves running is killed."""
+    jobs: list[subprocess.Popen] = []
+
+    def start(run: Path, extra: list[str]) -> subprocess.Popen:
+        jobs.append(subprocess.Popen([sys.executable, "-m", "nnctl", "train", *BASE, *TWO, f"hydra.run.dir={run}",
+                                      *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        return jobs[-1]
+
+    yield start
+    for job in jobs:
+        if job.poll() is None:
+            job.kill()  # its workers follow their launcher
+            job.communicate()
 
 
-def _workers_gone(run: Path, timeout: float = 30) -> None:
-    """No process still has `run` on its command line or open (the workers died with their launcher)."""
+def _workers(launcher: subprocess.Popen) -> set[tuple[int, str]]:
+    """(pid, start time) of the job's worker processes: the launcher's descendants running nnctl._worker. Read
+    while the launcher lives (its orphans are re-parented), and only this job's, whatever else runs on the
+    machine."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        stat = _stat(proc)
+        if stat:
+            children.setdefault(int(stat[1]), []).append((int(proc.name), stat[19]))
+    found, todo = set(), [launcher.pid]
+    while todo:
+        for pid, started in children.get(todo.pop(), []):
+            todo.append(pid)
+            if _mentions(Path("/proc") / str(pid), "nnctl._worker"):
+                found.add((pid, started))
+    assert len(found) == 2, f"expected the job's 2 workers below pid {launcher.pid}, found {sorted(found)}"
+    return found
+
+
+def _workers_gone(workers: set[tuple[int, str]], timeout: float = 30) -> None:
+    """None of `workers` still runs (they died with their launcher); a reused pid has another start time, a zombie
+    has ended."""
+
+    def running(pid: int, started: str) -> bool:
+        stat = _stat(Path("/proc") / str(pid))
+        return stat is not None and stat[19] == started and stat[0] != "Z"
+
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        alive = [p for p in Path("/proc").glob("[0-9]*") if _mentions(p, "nnctl._worker")]
-        if not alive:
-            return
+    while any(running(*w) for w in workers):
+        if time.time() > deadline:
+            raise AssertionError(f"worker processes {sorted(workers)} outlived the launcher")
         time.sleep(0.1)
-    raise AssertionError("worker processes outlived the launcher")
+
+
+def _stat(proc: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ..., start time at [19]), None if gone."""
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def _mentions(proc: Path, text: str) -> bool:
@@ -108,13 +154,14 @@ def _mentions(proc: Path, text: str) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kill -9 of the launcher reaches workers on Linux")
-def test_kill9_of_the_job_then_resume_matches_an_uninterrupted_run(two: Path, tmp_path: Path) -> None:
+def test_kill9_of_the_job_then_resume_matches_an_uninterrupted_run(two: Path, tmp_path: Path, spawn: Spawn) -> None:
     run = tmp_path / "run"
-    proc = _spawn(run, [f"trainer.max_epochs={EPOCHS}", "trainer.limit_val_batches=1"])
-    _wait_for(run / "checkpoints" / ck.LAST, proc)  # epoch 1 saved, epoch 2 under way
+    proc = spawn(run, [f"trainer.max_epochs={EPOCHS}", "trainer.limit_val_batches=1"])
+    _wait_for(run / "checkpoints" / ck.LAST, proc, timeout=STARTED)  # epoch 1 saved, epoch 2 under way
+    workers = _workers(proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    _workers_gone(run)
+    _workers_gone(workers)
     assert ck.load_checkpoint(run / "checkpoints" / ck.LAST)[ck.EPOCH] < EPOCHS
     assert main(["train", f"resume={run}", "trainer.limit_val_batches=null"]) == 0
     resumed, straight = _weights(run), _weights(two)
@@ -122,15 +169,16 @@ def test_kill9_of_the_job_then_resume_matches_an_uninterrupted_run(two: Path, tm
     assert _metrics(run)["test"] == _metrics(two)["test"]
 
 
-def test_sigterm_saves_last_and_every_rank_exits(tmp_path: Path) -> None:
+def test_sigterm_saves_last_and_every_rank_exits(tmp_path: Path, spawn: Spawn) -> None:
     run = tmp_path / "run"
-    proc = _spawn(run, ["trainer.max_epochs=50"])
-    _wait_for(run / "checkpoints" / ck.LAST, proc)
+    proc = spawn(run, ["trainer.max_epochs=50"])
+    _wait_for(run / "checkpoints" / ck.LAST, proc, timeout=STARTED)
+    workers = _workers(proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert f"nnctl train resume={run}" in err
-    _workers_gone(run)
+    _workers_gone(workers)
     state = ck.load_checkpoint(run / "checkpoints" / ck.LAST)
     assert state[ck.EPOCH] < 50
 
@@ -159,6 +207,115 @@ def test_fsdp_trains_and_its_gathered_checkpoint_evaluates_in_one_process(tmp_pa
     assert main(["eval", f"ckpt={run}", f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
     evaluated, trained = _metrics(tmp_path / "eval")["test"], _metrics(run)["test"]
     assert all(abs(evaluated[k] - trained[k]) < 1e-5 for k in trained)
+
+
+# FSDP with sharded checkpoints: every rank writes its shards of weights and optimizer state, nothing is gathered
+SHARDED = ["trainer.strategy=fsdp", "trainer.checkpoint.sharded=true", "model.hidden_sizes=[32,32]"]
+
+
+@pytest.fixture(scope="module")
+def sharded_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-process FSDP run with sharded checkpoints (module-wide reference)."""
+    run = tmp_path_factory.mktemp("sharded") / "run"
+    assert main(["train", *BASE, *TWO, *SHARDED, f"trainer.max_epochs={EPOCHS}", f"hydra.run.dir={run}"]) == 0
+    return run
+
+
+def _shards_named(run: Path) -> tuple[set[str], set[str]]:
+    """(shard folders on disk, shard folders the run's .pt files name)."""
+    directory = run / "checkpoints"
+    named = {Path(torch.load(p, weights_only=True)[ck.SHARDS]).name for p in directory.glob("*.pt")}
+    return {p.name for p in (directory / "shards").iterdir()}, named
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kill -9 of the launcher reaches workers on Linux")
+def test_kill9_of_a_sharded_job_then_resume_matches_an_uninterrupted_run(sharded_two: Path, tmp_path: Path,
+                                                                          spawn: Spawn) -> None:
+    run = tmp_path / "run"
+    proc = spawn(run, [*SHARDED, f"trainer.max_epochs={EPOCHS}", "trainer.limit_val_batches=1"])
+    _wait_for(run / "checkpoints" / ck.LAST, proc, timeout=STARTED)
+    workers = _workers(proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    _workers_gone(workers)
+    assert ck.load_checkpoint(run / "checkpoints" / ck.LAST, shards=False)[ck.EPOCH] < EPOCHS
+    assert main(["train", f"resume={run}", "trainer.limit_val_batches=null"]) == 0
+    resumed, straight = _weights(run), _weights(sharded_two)
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    on_disk, named = _shards_named(run)
+    assert on_disk == named  # no unfinished .partial, no folder that no checkpoint names
+
+
+def test_sharded_checkpoint_evaluates_in_one_process_and_exports_to_one_file(sharded_two: Path,
+                                                                             tmp_path: Path) -> None:
+    best = sharded_two / "checkpoints" / ck.BEST
+    assert torch.load(best, weights_only=True)[ck.MODEL] == {}  # nothing gathered: the weights are in the shards
+    (folder,) = {p for p in (sharded_two / "checkpoints" / "shards").iterdir()
+                 if p.name == Path(torch.load(best, weights_only=True)[ck.SHARDS]).name}
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
+    trained = _metrics(sharded_two)["test"]
+    assert main(["eval", f"ckpt={sharded_two}", f"hydra.run.dir={tmp_path / 'eval'}"]) == 0
+    evaluated = _metrics(tmp_path / "eval")["test"]
+    assert evaluated.keys() == trained.keys() and all(abs(evaluated[k] - trained[k]) < 1e-5 for k in trained)
+    one = tmp_path / "model.pt"
+    assert main(["export", f"ckpt={sharded_two}", f"out={one}", "format=checkpoint"]) == 0
+    state = ck.load_checkpoint(one)
+    assert ck.OPTIMIZER not in state and ck.SHARDS not in state
+    assert all(type(w) is torch.Tensor for w in state[ck.MODEL].values())
+    assert main(["eval", f"ckpt={one}", f"hydra.run.dir={tmp_path / 'eval_one'}"]) == 0
+    assert _metrics(tmp_path / "eval_one")["test"] == evaluated
+
+
+def test_a_sharded_save_that_dies_halfway_leaves_the_previous_checkpoint(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second epoch's save stops before DCP writes .metadata (as kill -9 would): last.pt still names the first
+    epoch's complete folder, and resuming from it ends where an uninterrupted run does (one process: the same
+    format, one shard)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    args = [*BASE, *ONE, "trainer.strategy=fsdp", "trainer.checkpoint.sharded=true", "trainer.limit_train_batches=4"]
+    assert main(["train", *args, "trainer.max_epochs=2", f"hydra.run.dir={tmp_path / 'straight'}"]) == 0
+    finish, saves = FileSystemWriter.finish, []
+
+    def dies_at_the_second_save(self: FileSystemWriter, *a: object, **k: object) -> None:
+        saves.append(1)
+        if len(saves) == 2:
+            raise RuntimeError("killed while saving")
+        finish(self, *a, **k)
+
+    monkeypatch.setattr(FileSystemWriter, "finish", dies_at_the_second_save)
+    run = tmp_path / "run"
+    with pytest.raises(BaseException, match="killed while saving"):  # DCP's CheckpointException wraps it
+        main(["train", *args, "trainer.max_epochs=2", f"hydra.run.dir={run}"])
+    monkeypatch.setattr(FileSystemWriter, "finish", finish)
+    shards = run / "checkpoints" / "shards"
+    assert (shards / ".partial").is_dir() and not (shards / ".partial" / ".metadata").exists()
+    last = ck.load_checkpoint(run / "checkpoints" / ck.LAST, shards=False)
+    assert last[ck.EPOCH] == 1 and (Path(last[ck.SHARDS]) / ".metadata").is_file()
+    assert main(["train", f"resume={run}"]) == 0
+    resumed, straight = _weights(run), _weights(tmp_path / "straight")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert _shards_named(run)[0] == _shards_named(run)[1]
+
+
+def test_gan_under_ddp_averages_gradients_on_every_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GAN updates discriminator and generator in turn, outside DDP's forward: the engine all-reduces each
+    update's gradients and shares rank 0's batch norm statistics, so both ranks hold the same model, though each
+    trained on its own half of every batch."""
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    run = tmp_path / "run"
+    assert main(["train", "data=digits", "model=gan", "objective=gan", "model.arch=mlp", "model.hidden=16",
+                 "objective._target_=dist_fixtures.RankWeightsGAN", "data.batch_size=16", "trainer.nproc_per_node=2",
+                 "trainer.max_epochs=1", "trainer.limit_train_batches=6", "trainer.limit_val_batches=1",
+                 "trainer.device=cpu", "trainer.progress=false", "trainer/checkpoint=loss",
+                 f"hydra.run.dir={run}"]) == 0
+    ranks = [torch.load(run / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    saved = _weights(run)
+    assert any(k.endswith("running_mean") for k in saved)  # batch norm statistics are compared too
+    for name, value in saved.items():
+        assert torch.equal(ranks[0][name], value) and torch.equal(ranks[1][name], value), name
+    assert _metrics(run)["global_step"] == 6
 
 
 def test_torchrun_shares_rank_0s_run_dir(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +125,21 @@ CASES = [
          r"trainer\.rdzv_endpoint: a job over several nodes meets at one address"),
     case("fsdp-with-ema", ["train", *TINY, "trainer.nproc_per_node=2", "trainer.strategy=fsdp", "trainer/ema=on"],
          r"trainer\.strategy: an EMA copy of a model sharded by FSDP is not supported"),
+    case("sharded-without-fsdp", ["train", *TINY, "trainer.checkpoint.sharded=true"],
+         r"trainer\.checkpoint\.sharded: sharded checkpoints save the shards FSDP keeps on each process; set "
+         r"trainer\.strategy=fsdp, or trainer\.checkpoint\.sharded=false"),
+    case("sharded-with-ema", ["train", *TINY, "trainer.strategy=fsdp", "trainer.checkpoint.sharded=true",
+                              "trainer/ema=on"],
+         r"trainer\.strategy: an EMA copy of a model sharded by FSDP is not supported"),
+    case("sharded-not-bool", ["train", "trainer.checkpoint.sharded=sometimes"],
+         r"trainer\.checkpoint\.sharded: got 'sometimes'; expected true or false"),
+    case("gan-with-fsdp", ["train", "data=digits", "model=gan", "trainer.device=cpu", "trainer.nproc_per_node=2",
+                           "trainer.strategy=fsdp"],
+         r"trainer\.strategy: GANObjective updates parts of the model in turn, calling them outside the model's "
+         r"forward, where FSDP cannot gather their shards; use trainer\.strategy=ddp"),
+    case("sync-batchnorm-on-cpu", ["train", *TINY, "trainer.nproc_per_node=2", "trainer.sync_batchnorm=true"],
+         r"trainer\.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set trainer\.sync_batchnorm=false "
+         r"on cpu"),
     case("device-tpu", ["train", "trainer.device=tpu"], r"trainer\.device: got 'tpu'; expected auto, cpu, cuda, "
                                                         r"cuda:N or mps"),
     case("device-bad-index", ["train", "trainer.device=cuda:x"], r"trainer\.device: got 'cuda:x'"),
@@ -169,6 +186,21 @@ CASES = [
     case("eval-text-file", ["eval", "ckpt={files}/notes.pt"], r"ckpt: .*notes\.pt is not a readable checkpoint"),
     case("eval-foreign-dict", ["eval", "ckpt={files}/foreign.pt"], r"ckpt: .*foreign\.pt is not an nnctl checkpoint"),
     case("eval-malicious-pickle", ["eval", "ckpt={files}/evil.pt"], r"ckpt: .*evil\.pt was refused for safety"),
+    case("eval-sharded-without-its-shards", ["eval", "ckpt={files}/sharded_moved.pt"],
+         r"ckpt: .*sharded_moved\.pt keeps its weights in .*shards/step\d+-\w+, which is missing or incomplete; "
+         r"a sharded checkpoint is the \.pt file and its checkpoints/shards/ folder together"),
+    case("eval-sharded-malicious-metadata", ["eval", "ckpt={files}/sharded_evil"],
+         r"ckpt: .*\.metadata was refused: not checkpoint metadata written by nnctl \(not an allowed global in "
+         r"checkpoint metadata: posix\.system\)"),
+    case("resume-sharded-malicious-metadata", ["train", "resume={files}/sharded_evil"],
+         r"resume: .*\.metadata was refused: not checkpoint metadata written by nnctl"),
+    case("resume-sharded-pickled-entry", ["train", "resume={files}/sharded_bytes", "trainer.max_epochs=2",
+                                          "trainer.extend_schedule=true"],
+         r"resume: .*\.metadata was refused: not checkpoint metadata written by nnctl \('model/.*' is not a tensor\)"),
+    case("export-format-unknown", ["export", "ckpt={run}", "out={tmp}/model", "format=onnx"],
+         r"format: got 'onnx'; expected one of model, checkpoint"),
+    case("export-checkpoint-to-a-folder", ["export", "ckpt={run}", "out={files}/emptydir", "format=checkpoint"],
+         r"out: .*emptydir is a folder; format=checkpoint writes one file"),
     case("eval-weights-do-not-fit", ["eval", "ckpt={files}/mismatch.pt"],
          r"model: the checkpoint's weights do not fit the model built from this config \(size mismatch.*\); "
          r"drop the model\.\* or data\.\* overrides"),
@@ -397,6 +429,25 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _declare_bytes(metadata: Path, payload: object) -> None:
+    """Rewrite a shard folder's DCP index (only DCP's own records) so that its first weight is a pickled object in
+    another file: DCP's loader would unpickle that without weights_only."""
+    import io
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    index = pickle.loads(metadata.read_bytes())  # the test's own file: trusted
+    name = next(k for k in index.state_dict_metadata if k.startswith("model/"))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    (metadata.parent / "payload.distcp").write_bytes(buffer.getvalue())
+    index.state_dict_metadata[name] = BytesStorageMetadata()
+    index.storage_data = {k: v for k, v in index.storage_data.items() if k.fqn != name}
+    index.storage_data[MetadataIndex(name)] = _StorageInfo("payload.distcp", 0, len(buffer.getvalue()))
+    metadata.write_bytes(pickle.dumps(index))
+
+
 @pytest.fixture(scope="session")
 def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny finished run ({run}) and bad inputs made from it ({files}); paths are absolute, so this session
@@ -412,6 +463,16 @@ def crafted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert main(["train", *generative, "model=diffusion", "objective=diffusion", "model.channels=[8,16]",
                  "model.conditional=true", "model.timesteps=100", "model.sample_steps=2", "objective.grid_samples=4",
                  f"hydra.run.dir={base / 'ddpm'}"]) == 0
+    sharded = base / "sharded"  # one process writes the sharded format too (one shard)
+    assert main(["train", *TINY, "trainer.strategy=fsdp", "trainer.checkpoint.sharded=true", f"paths.root_dir={base}",
+                 f"hydra.run.dir={sharded}"]) == 0
+    shutil.copy(sharded / "checkpoints" / ck.BEST, files / "sharded_moved.pt")  # without its shards folder
+    shutil.copytree(sharded / "checkpoints", files / "sharded_evil" / "checkpoints")
+    for metadata in (files / "sharded_evil").rglob(".metadata"):
+        metadata.write_bytes(pickle.dumps(_Evil(files / "pwned")))
+    shutil.copytree(sharded / "checkpoints", files / "sharded_bytes" / "checkpoints")
+    for metadata in (files / "sharded_bytes").rglob(".metadata"):
+        _declare_bytes(metadata, _Evil(files / "pwned"))
     best = run / "checkpoints" / ck.BEST
     data = best.read_bytes()
     (files / "truncated.pt").write_bytes(data[: len(data) // 2])

@@ -97,6 +97,33 @@ def auto(target: str, model: nn.Module | None = None, **options: Any) -> Objecti
     return complete(functools.partial(cls), options, "objective")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model behind torch.compile's and DDP's wrappers, for its attributes and methods. Training forward
+    passes go through the wrapper itself: DDP all-reduces the gradients of those only."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def objective_class(cfg: Any) -> type:
+    """The class of the objective a composed config trains with, found without building model or data."""
+    from hydra.utils import get_object
+
+    if cfg.objective._target_ != f"{__name__}.auto":
+        return get_object(cfg.objective._target_)
+    name = getattr(get_object(cfg.model._target_), "objective", None)
+    if name not in OBJECTIVES:  # chosen from the data's target kind: none of those updates in turn
+        return Objective
+    module, cls = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def updates_in_turn(cls: type) -> bool:
+    """Whether an objective runs several updates per batch (its own `training_steps`, e.g. a GAN's discriminator
+    then generator), calling parts of the model directly rather than one forward of the whole."""
+    return cls.training_steps is not Objective.training_steps
+
+
 from nnctl.objectives.classification import TTA_MODES, Classification, tta_mode  # noqa: E402  (re-exported)
 
-__all__ = ["OBJECTIVES", "TTA_MODES", "Batch", "Classification", "Objective", "Step", "auto", "tta_mode"]
+__all__ = ["OBJECTIVES", "TTA_MODES", "Batch", "Classification", "Objective", "Step", "auto", "objective_class",
+           "tta_mode", "unwrap", "updates_in_turn"]

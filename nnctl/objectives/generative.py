@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nnctl.images import IMAGE_ORIGINS, Pixels, as_drawn, grid, save_png
 from nnctl.metrics import Averages
-from nnctl.objectives import Objective, Step
+from nnctl.objectives import Objective, Step, unwrap
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 GRID_SEED = 1234  # the validation grids' noise: the same latents every epoch, so grids compare across epochs
@@ -61,6 +61,10 @@ class Generative(Objective):
         model.eval()
         images = model.sample(self.grid_samples, torch.Generator(device=device).manual_seed(GRID_SEED))
         model.train(was_training)
+        from nnctl.distributed import current
+
+        if not current().main:  # every rank samples (a sharded model needs them all); rank 0 writes
+            return
         path = Path(run_dir) / "samples" / f"epoch_{epoch:03d}.png"
         save_png(grid(as_drawn(images, self.image_origin), class_columns(model)), path)
         tb.images("samples", path, step)  # the PNG as written: every tracker shows the same pixels
@@ -87,7 +91,7 @@ class GANObjective(Generative):
         self.d_steps, self.smoothing = d_steps_per_g_step, label_smoothing
 
     def optimizer_groups(self, net: nn.Module) -> dict[str, list[nn.Parameter]]:
-        gan = _unwrap(net)
+        gan = unwrap(net)
         return {"discriminator": [p for p in gan.discriminator.parameters() if p.requires_grad],
                 "generator": [p for p in gan.generator.parameters() if p.requires_grad]}
 
@@ -103,7 +107,7 @@ class GANObjective(Generative):
         return loss, real_logit, fake_logit
 
     def training_steps(self, model: nn.Module, batch: Batch) -> Iterator[Step]:
-        gan = _unwrap(model)
+        gan = unwrap(model)
         x, y = batch
         real = self.pixels(x) * 2 - 1  # [B, C, H, W] in [-1, 1]
         for _ in range(self.d_steps):
@@ -116,7 +120,7 @@ class GANObjective(Generative):
         yield "generator", loss_g, {}
 
     def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
-        gan = _unwrap(model)
+        gan = unwrap(model)
         x, y = batch
         z = torch.randn(len(y), gan.latent_dim, generator=_eval_generator(y), device=y.device)
         loss_d, real_logit, fake_logit = self._losses(gan, self.pixels(x) * 2 - 1, y, z, 0.0)
@@ -138,10 +142,10 @@ class VAEObjective(Generative):
         super().__init__(pixel_mean, pixel_std, grid_samples, image_origin)
         self.beta, self.warmup, self.sigma = beta, kl_warmup_steps, sigma
 
-    def _terms(self, vae: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _terms(self, model: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image (reconstruction NLL, KL) in nats, each [B]."""
-        logits, mu, logvar = vae(pixels)
-        if vae.likelihood == "bernoulli":
+        logits, mu, logvar = model(pixels)  # through DDP's wrapper when there is one: it syncs the gradients
+        if unwrap(model).likelihood == "bernoulli":
             rec = F.binary_cross_entropy_with_logits(logits, pixels, reduction="none")
         else:  # Gaussian with fixed sigma around the sigmoid mean
             rec = (0.5 * ((pixels - torch.sigmoid(logits)) / self.sigma) ** 2
@@ -150,9 +154,9 @@ class VAEObjective(Generative):
         return rec.flatten(1).sum(1), kl
 
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        vae = _unwrap(model)
+        vae = unwrap(model)
         x, _ = batch
-        rec, kl = self._terms(vae, self.pixels(x))
+        rec, kl = self._terms(model, self.pixels(x))
         vae.train_batches += 1
         # beta ramps with the batch count stored in the model: a resumed run continues the same ramp
         ramp = (vae.train_batches.clamp(max=self.warmup).float() / self.warmup) if self.warmup else 1.0
@@ -160,10 +164,9 @@ class VAEObjective(Generative):
         return loss, {"rec": rec.detach().sum(), "kl": kl.detach().sum()}
 
     def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
-        vae = _unwrap(model)
         x, y = batch
         with _seeded(y):  # the reparameterized draw, reproducibly
-            rec, kl = self._terms(vae, self.pixels(x))
+            rec, kl = self._terms(model, self.pixels(x))
         metrics.add(len(y), {"loss": (rec + kl).sum(), "rec": rec.sum(), "kl": kl.sum()})
 
     def summarize(self, means: dict[str, float]) -> dict[str, float]:
@@ -185,7 +188,7 @@ class DiffusionObjective(Generative):
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None,
               drop: float) -> torch.Tensor:
         """Per-image mean squared error [B]."""
-        net = _unwrap(model)
+        net = unwrap(model)
         schedule = net.noise_schedule()
         x0 = self.pixels(x) * 2 - 1  # [B, C, H, W] in [-1, 1]
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
@@ -206,8 +209,3 @@ class DiffusionObjective(Generative):
     def eval_update(self, model: nn.Module, batch: Batch, metrics: Averages, tta: str | bool | None) -> None:
         x, y = batch
         metrics.add(len(y), {"loss": self._loss(model, x, y, _eval_generator(y), 0.0).sum()})
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model behind torch.compile's wrapper (its attributes and methods, not only forward)."""
-    return getattr(model, "_orig_mod", model)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnctl.metrics import Averages
-from nnctl.objectives import Objective
+from nnctl.objectives import Objective, unwrap
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -45,7 +45,7 @@ class Seq2Seq(Objective):
         src, src_mask, tgt = batch
         loss, sums = self._teacher_forced(model, batch, 0.0)
         target = tgt[:, 1:]  # [B, T-1]
-        decoded = model.greedy_decode(src, src_mask, max_len=target.shape[1])  # [B, <= T-1]
+        decoded = unwrap(model).greedy_decode(src, src_mask, max_len=target.shape[1])  # [B, <= T-1]
         decoded = F.pad(decoded, (0, target.shape[1] - decoded.shape[1]), value=self.pad_id)  # [B, T-1]
         metrics.add(len(src), {"loss": loss * len(src), "acc": (decoded == target).all(1).sum(), **sums})
 
