@@ -113,7 +113,8 @@ CASES = [
          r"trainer\.limit_train_batches: got 0; expected an integer >= 1, a fraction in \(0, 1\], or null"),
     case("hidden-size-zero", ["train", "model=mlp", "model.hidden_sizes=[0]"], r"model\.hidden_sizes: got \[0\]"),
     case("monitor-not-a-metric", ["train", "trainer.checkpoint.monitor=accuracy"],
-         r"trainer\.checkpoint\.monitor: got 'accuracy'; expected auto or a metric name such as val/acc"),
+         r"trainer\.checkpoint\.monitor: got 'accuracy'; expected auto, latest \(the newest epoch\) or a metric name "
+         r"such as val/acc"),
     case("strategy-unknown", ["train", "trainer.strategy=zero"],
          r"trainer\.strategy: got 'zero'; expected one of ddp, fsdp"),
     case("nproc-zero", ["train", "trainer.nproc_per_node=0"], r"trainer\.nproc_per_node: got 0; expected an integer"),
