@@ -113,7 +113,8 @@ def _space(search: DictConfig) -> dict[str, dict[str, Any]]:
 
 def check_space(space: dict[str, dict[str, Any]], base: DictConfig, sampler: str) -> None:
     """Every parameter names a key of the trial config (or a config group) and has a non-empty range."""
-    from nnctl.commands import GROUPS, _did_you_mean, _options
+    from nnctl.commands import GROUPS
+    from nnctl.user_messages import _did_you_mean, _options
     from nnctl.loggers.base import flatten
 
     keys = [k for k, _ in flatten(OmegaConf.to_container(base, resolve=False))]
