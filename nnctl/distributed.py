@@ -11,6 +11,7 @@ Three ways in, one run dir:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 RUN_DIR_KEY = "nnctl/run_dir"  # rank 0 publishes its run dir under this key of the rendezvous store
 STRATEGIES = ("ddp", "fsdp")
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entered by every step that needs no context
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -197,11 +199,9 @@ class Dist:
     def accumulating(self, model: "nn.Module", skip_sync: bool) -> Any:
         """Around a micro-batch that does not step (gradient accumulation): DDP keeps its gradients local and
         all-reduces once, with the stepping micro-batch."""
-        import contextlib
-
         if skip_sync and hasattr(model, "no_sync"):
             return model.no_sync()
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
 
     # -- state: full single-file checkpoints under either strategy, or each rank's shards ---------------------------
     @property

@@ -83,6 +83,7 @@ class Engine:
         self._resolve_monitor()
         t = self.t
         self.scaler = self.precision.grad_scaler(self.device)
+        self.autocast = self.precision.autocast(self.device)  # re-entered by every training forward
         self.epoch = self.step = self.batch_in_epoch = 0
         self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode, key="trainer.checkpoint.monitor")
         self.stopper = Tracker(t.early_stopping.monitor, t.early_stopping.mode, t.early_stopping.min_delta,
@@ -199,6 +200,7 @@ class Engine:
                 if self.stages and self.stages.at(self.epoch) is not self.stage:
                     self._enter_stage(self.stages.at(self.epoch))
                 t, n_batches, accum = self.t, self.batches_per_epoch("train"), self.t.grad_accum_steps
+                on_cpu = self.device.type == "cpu"  # the data's batches are already there: nothing to walk
                 self.model.train()
                 self.optim.zero_grad()
                 samples = self.data.batch_size * accum  # per optimizer step
@@ -211,7 +213,8 @@ class Engine:
                         # forward, scaled backward and (every grad_accum_steps batches) each group's update
                         stepping = (i + 1) % accum == 0
                         with self.dist.accumulating(self.model, not stepping):  # DDP: all-reduce when stepping
-                            grad_norm = self._train_batch(to_device(batch, self.device), accum, stepping)
+                            grad_norm = self._train_batch(batch if on_cpu else to_device(batch, self.device),
+                                                          accum, stepping)
                         if not stepping:
                             continue
                         self.optim.after_step()
@@ -265,7 +268,7 @@ class Engine:
         # the gradient norm is measured on logging steps only (before the gradients are cleared)
         logging_step = stepping and (self.step + 1) % self.t.log_every_n_steps == 0
         while True:
-            with self.precision.autocast(self.device):  # the objective's forward runs inside next()
+            with self.autocast:  # the objective's forward runs inside next()
                 update = next(steps, None)
             if update is None:
                 break

@@ -102,7 +102,8 @@ class Optimization:
         if self._skip_nonfinite(loss, step):
             self.zero_grad()
             return None
-        self.dist.average_gradients([p for g in opt.param_groups for p in g["params"]])  # updates in turn (a GAN)
+        if self.dist.in_turn is not None:  # updates in turn (a GAN) under DDP: average this group's gradients
+            self.dist.average_gradients([p for g in opt.param_groups for p in g["params"]])
         grad_norm = None
         if self.t.grad_clip_norm is not None or norm:
             self.scaler.unscale_(opt)
@@ -138,6 +139,12 @@ class Optimization:
         if self.deferred and (step + 1) % self.t.log_every_n_steps:
             self._unread.append((step, loss.detach()))
             return False
+        if not (self._unread or self.dist.initialized):  # one process on the CPU: the common case, kept short
+            value = loss.item()
+            if math.isfinite(value):
+                self._bad_steps, self._last_finite = 0, value
+                return False
+            return not self._finite(value, step, applied=False)
         self.check_losses()  # the earlier steps' first, in order
         return not self._finite(self.dist.mean_loss(loss), step, applied=False)  # the mean over ranks: all alike
 

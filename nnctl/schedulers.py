@@ -36,8 +36,39 @@ class Schedule:
         self.scheduler.load_state_dict(state)
 
 
-def _lambda(optimizer: Optimizer, fn: Any) -> lrs.LambdaLR:
-    return lrs.LambdaLR(optimizer, fn)
+class _FactorLR:
+    """Each group's lr = its initial lr x fn(step), written straight into the optimizer's groups: LambdaLR's
+    arithmetic and state_dict keys (checkpoints of either load into the other), without its per-step bookkeeping
+    and the wrapper it puts around optimizer.step, ~50 us a step: a hundredth of a small model's step on a CPU."""
+
+    def __init__(self, optimizer: Optimizer, fn: Any) -> None:
+        self.optimizer, self.fn = optimizer, fn
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        self.last_epoch = -1
+        self.step()
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        factor = self.fn(self.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def state_dict(self) -> dict[str, Any]:
+        # LambdaLR keeps a callable object's attributes (e.g. the planned total steps) once per group
+        return {"base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch,
+                "lr_lambdas": [dict(vars(self.fn)) for _ in self.base_lrs]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base_lrs, self.last_epoch = list(state["base_lrs"]), state["last_epoch"]
+        fn_state = next((s for s in state.get("lr_lambdas", []) if s is not None), None)
+        if fn_state is not None:
+            vars(self.fn).update(fn_state)
+
+
+def _lambda(optimizer: Optimizer, fn: Any) -> _FactorLR:
+    return _FactorLR(optimizer, fn)
 
 
 class Constant(Schedule):
@@ -46,7 +77,7 @@ class Constant(Schedule):
 
 
 class _One:
-    """A picklable-free constant factor (LambdaLR skips function objects in its state_dict)."""
+    """A constant factor as an object: its (empty) attributes are what a checkpoint keeps of it."""
 
     def __call__(self, step: int) -> float:
         return 1.0

@@ -221,6 +221,8 @@ RULES: list[Rule] = [
     Rule("model.mlp_ratio", NUM, _positive, "a number > 0, e.g. model.mlp_ratio=2.0"),
     Rule("model.positions", STR, lambda v: v in ("sinusoidal", "learned"), "sinusoidal or learned"),
     Rule("model.patch_size", INT, lambda v: v >= 1, "an integer >= 1 dividing the image sides, e.g. 4"),
+    Rule("objective.snr_gamma", NUM, _positive, "a positive number (5.0 is the usual choice) or null (off)",
+         nullable=True),
     # -- trainer --------------------------------------------------------------------------------------------------
     Rule("trainer.max_epochs", INT, lambda v: v >= 1, "an integer >= 1, e.g. trainer.max_epochs=5"),
     Rule("trainer.max_steps", INT, lambda v: v >= 1, "an integer >= 1 or null", nullable=True),

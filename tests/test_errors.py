@@ -141,6 +141,9 @@ CASES = [
     case("sync-batchnorm-on-cpu", ["train", *TINY, "trainer.nproc_per_node=2", "trainer.sync_batchnorm=true"],
          r"trainer\.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only; set trainer\.sync_batchnorm=false "
          r"on cpu"),
+    case("diffusion-snr-gamma-negative", ["train", "data=digits", "model=diffusion", "objective=diffusion",
+                                          "objective.snr_gamma=-1"],
+         r"objective\.snr_gamma: got -1(\.0)?; expected a positive number \(5\.0 is the usual choice\) or null"),
     case("device-tpu", ["train", "trainer.device=tpu"], r"trainer\.device: got 'tpu'; expected auto, cpu, cuda, "
                                                         r"cuda:N or mps"),
     case("device-bad-index", ["train", "trainer.device=cuda:x"], r"trainer\.device: got 'cuda:x'"),

@@ -187,3 +187,27 @@ def test_unconditional_diffusion_exports_a_diffusers_pipeline(tmp_path: Path) ->
     images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
                   output_type="np").images
     assert images.shape == (2, 8, 8, 1) and 0 <= images.min() and images.max() <= 1
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_min_snr_weights_each_timestep(prediction: str) -> None:
+    """objective.snr_gamma: per-image MSE times min(SNR, gamma)/SNR (noise) or min(SNR, gamma)/(SNR + 1) (velocity),
+    with SNR = alpha_bar / (1 - alpha_bar) of the image's timestep; plain MSE without it."""
+    from nnctl.models.diffusion import Diffusion
+    from nnctl.objectives.generative import DiffusionObjective
+
+    model = Diffusion((1, 8, 8), 10, channels=(8, 16), norm_groups=4, timesteps=100, schedule="cosine",
+                      prediction=prediction)
+    plain = DiffusionObjective([0.5], [0.5])
+    weighted = DiffusionObjective([0.5], [0.5], snr_gamma=5.0)
+    x, y = torch.randn(6, 1, 8, 8), torch.arange(6)
+    gen = torch.Generator().manual_seed(0)
+    torch.randn(x.shape, generator=gen)  # _loss draws the noise, then the timesteps, from `gen`
+    t = torch.randint(0, 100, (6,), generator=gen)
+    mse = plain._loss(model, x, y, torch.Generator().manual_seed(0), 0.0)
+    loss = weighted._loss(model, x, y, torch.Generator().manual_seed(0), 0.0)
+    alpha_bar = model.noise_schedule().alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = snr.clamp(max=5.0) / (snr if prediction == "epsilon" else snr + 1)
+    assert (snr > 5).any() and (snr < 5).any()  # both sides of the clip are exercised
+    torch.testing.assert_close(loss.double(), mse.double() * expected, rtol=1e-5, atol=0)

@@ -124,3 +124,34 @@ def test_airbench_activation_is_configurable_and_trains(act: str) -> None:
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert type(net.act).__name__ == {"gelu": "GELU", "relu": "ReLU"}[act]
+
+
+def test_factor_schedules_match_torch_lambdalr() -> None:
+    """The cosine schedules set the lr straight into the optimizer's groups (no LambdaLR bookkeeping per step): the
+    same learning rates, bit for bit, as torch's LambdaLR with the same factor, and each loads the other's state."""
+    import copy
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from nnctl.schedulers import WarmupCosine, _WarmupCosineFactor
+
+    def optimizer() -> torch.optim.Optimizer:
+        w, b = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))
+        return torch.optim.AdamW([{"params": [w]}, {"params": [b], "lr": 0.03}], lr=0.1)
+
+    ours_opt, torch_opt = optimizer(), optimizer()
+    ours = WarmupCosine(ours_opt, total_steps=40, steps_per_epoch=10, warmup_fraction=0.1, min_lr_ratio=0.05)
+    theirs = LambdaLR(torch_opt, _WarmupCosineFactor(40, 4, 0.05))
+    for _ in range(25):
+        assert [g["lr"] for g in ours_opt.param_groups] == [g["lr"] for g in torch_opt.param_groups]
+        torch_opt.step()  # (LambdaLR warns when it steps before its optimizer)
+        ours.after_step(), theirs.step()
+    state = ours.state_dict()
+    assert state["last_epoch"] == theirs.state_dict()["last_epoch"] == 25
+    # a LambdaLR checkpoint resumes into ours (and the planned length comes with it) and the other way round
+    resumed = WarmupCosine(optimizer(), total_steps=99, steps_per_epoch=10)
+    resumed.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert resumed.state_dict() == state
+    back = LambdaLR(optimizer(), _WarmupCosineFactor(99, 1, 0.0))
+    back.load_state_dict(copy.deepcopy(state))
+    assert back.state_dict()["last_epoch"] == 25 and vars(back.lr_lambdas[0]) == vars(_WarmupCosineFactor(40, 4, 0.05))

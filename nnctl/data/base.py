@@ -223,7 +223,8 @@ class ImageData:
     def _batches(self, x, y, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
         if self.resident:
             for idx in order:  # index slices of the resident tensor: no copies through Python
-                idx = idx.to(self.device, non_blocking=True)
+                if idx.device != x.device:  # resident on a GPU: the index goes there (on the CPU: no extra op)
+                    idx = idx.to(x.device, non_blocking=True)
                 yield x[idx], y[idx]
             return
         # DataLoader path: workers decode images in parallel; the batch blocks are exactly `order`, so batch

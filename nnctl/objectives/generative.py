@@ -178,12 +178,14 @@ class VAEObjective(Generative):
 class DiffusionObjective(Generative):
     """Denoising loss: MSE between the U-Net's output and the noise (epsilon-prediction) or the velocity
     (v-prediction) at a uniformly drawn timestep. Conditional models drop the label with probability
-    `label_dropout` (the unconditional half of classifier-free guidance)."""
+    `label_dropout` (the unconditional half of classifier-free guidance). `snr_gamma` weights each timestep by
+    min-SNR-gamma (Hang et al. 2023, as diffusers' training scripts): the many nearly clean timesteps, easy and
+    pulling against the noisy ones, weigh less, which makes training converge in fewer steps."""
 
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], label_dropout: float = 0.1,
-                 grid_samples: int = 64, image_origin: str = "upper") -> None:
+                 snr_gamma: float | None = None, grid_samples: int = 64, image_origin: str = "upper") -> None:
         super().__init__(pixel_mean, pixel_std, grid_samples, image_origin)
-        self.label_dropout = label_dropout
+        self.label_dropout, self.snr_gamma = label_dropout, snr_gamma
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator | None,
               drop: float) -> torch.Tensor:
@@ -200,7 +202,18 @@ class DiffusionObjective(Generative):
             keep = torch.rand(len(y), generator=gen, device=y.device) >= drop
             labels = torch.where(keep, y, torch.full_like(y, net.num_classes))  # dropped -> the "no label" id
         out = model(noisy, t, labels)
-        return (out.float() - target).pow(2).flatten(1).mean(1)
+        mse = (out.float() - target).pow(2).flatten(1).mean(1)  # [B]
+        return mse if self.snr_gamma is None else mse * self._snr_weight(schedule, t)
+
+    def _snr_weight(self, schedule: Any, t: torch.Tensor) -> torch.Tensor:
+        """min(SNR, gamma) / SNR for noise prediction, min(SNR, gamma) / (SNR + 1) for velocity prediction [B]:
+        both equal min(SNR, gamma)-weighted MSE on the clean image."""
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(schedule, t)  # [B]: alpha_bar / (1 - alpha_bar) at each image's timestep
+        if schedule.config.prediction_type == "epsilon":
+            return (self.snr_gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR, and 1 where SNR is 0
+        return snr.clamp(max=self.snr_gamma) / (snr + 1)
 
     def training_step(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
