@@ -200,7 +200,6 @@ class Engine:
                 if self.stages and self.stages.at(self.epoch) is not self.stage:
                     self._enter_stage(self.stages.at(self.epoch))
                 t, n_batches, accum = self.t, self.batches_per_epoch("train"), self.t.grad_accum_steps
-                on_cpu = self.device.type == "cpu"  # the data's batches are already there: nothing to walk
                 self.model.train()
                 self.optim.zero_grad()
                 samples = self.data.batch_size * accum  # per optimizer step
@@ -213,8 +212,7 @@ class Engine:
                         # forward, scaled backward and (every grad_accum_steps batches) each group's update
                         stepping = (i + 1) % accum == 0
                         with self.dist.accumulating(self.model, not stepping):  # DDP: all-reduce when stepping
-                            grad_norm = self._train_batch(batch if on_cpu else to_device(batch, self.device),
-                                                          accum, stepping)
+                            grad_norm = self._train_batch(to_device(batch, self.device), accum, stepping)
                         if not stepping:
                             continue
                         self.optim.after_step()

@@ -139,12 +139,6 @@ class Optimization:
         if self.deferred and (step + 1) % self.t.log_every_n_steps:
             self._unread.append((step, loss.detach()))
             return False
-        if not (self._unread or self.dist.initialized):  # one process on the CPU: the common case, kept short
-            value = loss.item()
-            if math.isfinite(value):
-                self._bad_steps, self._last_finite = 0, value
-                return False
-            return not self._finite(value, step, applied=False)
         self.check_losses()  # the earlier steps' first, in order
         return not self._finite(self.dist.mean_loss(loss), step, applied=False)  # the mean over ranks: all alike
 

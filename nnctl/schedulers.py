@@ -67,13 +67,9 @@ class _FactorLR:
             vars(self.fn).update(fn_state)
 
 
-def _lambda(optimizer: Optimizer, fn: Any) -> _FactorLR:
-    return _FactorLR(optimizer, fn)
-
-
 class Constant(Schedule):
     def __init__(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int) -> None:
-        super().__init__(_lambda(optimizer, _One()))
+        super().__init__(_FactorLR(optimizer, _One()))
 
 
 class _One:
@@ -99,7 +95,7 @@ class Cosine(Schedule):
 
     def __init__(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int,
                  min_lr_ratio: float = 0.0) -> None:
-        super().__init__(_lambda(optimizer, _WarmupCosineFactor(total_steps, 0, min_lr_ratio)))
+        super().__init__(_FactorLR(optimizer, _WarmupCosineFactor(total_steps, 0, min_lr_ratio)))
 
 
 class WarmupCosine(Schedule):
@@ -108,7 +104,7 @@ class WarmupCosine(Schedule):
     def __init__(self, optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup_fraction: float = 0.05,
                  min_lr_ratio: float = 0.0) -> None:
         warmup = max(1, int(total_steps * warmup_fraction))
-        super().__init__(_lambda(optimizer, _WarmupCosineFactor(total_steps, warmup, min_lr_ratio)))
+        super().__init__(_FactorLR(optimizer, _WarmupCosineFactor(total_steps, warmup, min_lr_ratio)))
 
 
 class CosineWarmRestarts(Schedule):
