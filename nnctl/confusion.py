@@ -20,15 +20,12 @@ def is_classifier(engine: Any) -> bool:
 @torch.no_grad()
 def predict(engine: Any, split: str, tta: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities [N, K], labels [N]) over `split`, in the split's order."""
-    from nnctl.objectives import tta_mode
-
     model = engine.ema.module if engine.ema is not None else engine.model
     model.eval()
-    forward = tta_mode(tta)
     probs, labels = [], []
     for x, y in engine.data.eval_batches(split):  # image data: batch = (x, y)
         with engine.precision.autocast(engine.device):
-            logits = forward(model, x)  # [B, K]
+            logits = engine.objective.predict(model, x, tta=tta)  # [B, K]
         probs.append(logits.float().softmax(1).cpu())
         labels.append(y.cpu())
     return torch.cat(probs), torch.cat(labels)

@@ -56,6 +56,31 @@ def test_flip_tta_changes_nothing_for_flip_invariant_input() -> None:
         assert not torch.allclose(objective.predict(model, x, tta=True), objective.predict(model, x, tta=False))
 
 
+def test_translate_tta_views_are_the_training_crops_of_the_same_shift() -> None:
+    """flip_translate's shifted views fill the border as the training crops do (black, then normalized), so the
+    model is asked about images like those it trained on; the objective takes the statistics from the data."""
+    from nnctl.data.augment import Normalize, apply_crop_flip
+
+    seen: list[torch.Tensor] = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.clone())
+            return x.flatten(1)[:, :10]  # [B, 10] stand-in logits
+
+    raw = torch.randint(0, 256, (3, 2, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor([0.3, 0.6]), torch.tensor([0.2, 0.1])
+    norm = Normalize(mean, std)
+    objective = Classification(num_classes=10, pixel_mean=mean.tolist(), pixel_std=std.tolist())
+    objective.predict(Spy(), norm(raw), tta="flip_translate")
+    assert len(seen) == 6  # image, mirror, then each shifted view and its mirror
+    zero = torch.zeros(3, dtype=torch.long)
+    for view, shift in ((seen[2], 0), (seen[4], 2)):  # crop offsets 0 and 2 of a 1-px padding: the two diagonals
+        crop = norm(apply_crop_flip(raw, 1, zero + shift, zero + shift, None))
+        assert torch.allclose(view, crop, atol=1e-5)
+    assert (seen[2][:, 1, 0, :] == (0 - 0.6) / 0.1).all()  # the border really is black, per channel
+
+
 def test_channels_last_matches_default_layout(tmp_path: Path) -> None:
     base = _train(tmp_path / "a", "trainer.max_steps=5")
     nhwc = _train(tmp_path / "b", "trainer.max_steps=5", "trainer.channels_last=true")
