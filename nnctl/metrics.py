@@ -1,7 +1,21 @@
 """Running averages kept on the device: the step loop adds tensors, only `means()` waits for the device."""
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
+
+
+class Later(NamedTuple):
+    """A step's total computed later, for many steps at once: `per_sample(*inputs)`, on each input concatenated
+    over the steps along dim 0, gives one value per sample, and a step's total is the sum over its own samples.
+
+    For statistics that are a few small ops per step (a classifier's correct-prediction count is argmax, compare
+    and count): on a CPU each op's dispatch costs more than its arithmetic (~50 us of a 3-5 ms MLP step), so
+    `StepSums` runs them once per logging interval instead. The inputs must be detached (they are held until then).
+    """
+    per_sample: Callable[..., torch.Tensor]
+    inputs: tuple[torch.Tensor, ...]
 
 
 class Averages:
@@ -13,11 +27,13 @@ class Averages:
     def __init__(self, state: dict[str, torch.Tensor | int] | None = None) -> None:
         self.sums: dict[str, torch.Tensor | int] = dict(state or {})
 
-    def add(self, n: int, sums: dict[str, torch.Tensor], means: dict[str, torch.Tensor] | None = None) -> None:
+    def add(self, n: int, sums: dict[str, torch.Tensor | Later],
+            means: dict[str, torch.Tensor] | None = None) -> None:
         """Add a batch of `n` samples: `sums` are totals over the batch (e.g. correct predictions), `means` are
         per-sample means (e.g. a mean loss), weighted by `n`. One in-place op per value, on the device."""
         for name, value in sums.items():
-            self._total(name, value).add_(value.detach())
+            value = _later_totals([value])[0] if type(value) is Later else value.detach()  # a `Later`: its total now
+            self._total(name, value).add_(value)
         for name, value in (means or {}).items():
             self._total(name, value).add_(value.detach(), alpha=n)
         self.sums["_n"] = int(self.sums.get("_n", 0)) + n
@@ -47,8 +63,11 @@ class StepSums:
     same training metrics as one that never stopped.
     """
 
+    HELD_ELEMENTS = 1 << 22  # `Later` inputs held before they are reduced early (16 MiB of float32)
+
     def __init__(self, state: dict[str, torch.Tensor | int] | None = None) -> None:
-        self._waiting: list[tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]] = []
+        self._waiting: list[tuple[int, dict[str, torch.Tensor | Later], dict[str, torch.Tensor] | None]] = []
+        self._held = 0  # elements of the waiting `Later` inputs
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (storage with room to grow, values used)
         self._n = 0
         for name, value in (state or {}).items():
@@ -57,11 +76,17 @@ class StepSums:
             else:  # per-step values; a total (a 0-d tensor, from Averages' state) counts as one step
                 self._append(name, value.detach().float().reshape(-1))
 
-    def add(self, n: int, sums: dict[str, torch.Tensor], means: dict[str, torch.Tensor] | None = None) -> None:
-        """A step of `n` samples: `sums` are totals over its batch (e.g. correct predictions), `means` per-sample
-        means (e.g. a mean loss), weighted by `n` when read."""
+    def add(self, n: int, sums: dict[str, torch.Tensor | Later],
+            means: dict[str, torch.Tensor] | None = None) -> None:
+        """A step of `n` samples: `sums` are totals over its batch (e.g. correct predictions; a `Later` computes
+        its total when read), `means` per-sample means (e.g. a mean loss), weighted by `n` when read."""
         self._waiting.append((n, sums, means))
         self._n += n
+        for value in sums.values():
+            if type(value) is Later:
+                self._held += sum(t.numel() for t in value.inputs)
+        if self._held > self.HELD_ELEMENTS:  # bounded memory for long logging intervals or many classes
+            self._stack()
 
     def totals(self) -> Averages:
         """The sums so far (and the sample count), as Averages: `means()` reads them to the host."""
@@ -75,7 +100,7 @@ class StepSums:
 
     @torch.no_grad()
     def _stack(self) -> None:
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting, self._held = self._waiting, [], 0
         if not waiting:
             return
         names = dict.fromkeys(name for _, sums, means in waiting for name in (*sums, *(means or ())))
@@ -89,7 +114,8 @@ class StepSums:
                     values.append(means[name])
                     weights.append(n)
             # float32 everywhere (MPS has no float64); counts stay exact up to 2**24 per epoch
-            stacked = torch.stack(values).float()  # no_grad: no graph even from a loss that still has one
+            stacked = (_later_totals(values) if type(values[0]) is Later
+                       else torch.stack(values).float())  # no_grad: no graph even from a loss that still has one
             if len(set(weights)) == 1:
                 stacked = stacked if weights[0] == 1 else stacked * weights[0]
             else:  # the same float32 products as multiplying by each weight alone
@@ -108,3 +134,12 @@ class StepSums:
             buf = grown
         buf[used:used + len(values)] = values
         self._buffers[name] = (buf, used + len(values))
+
+
+def _later_totals(values: list[Later]) -> torch.Tensor:
+    """Each step's total of its `Later` statistic [steps], from one pass over all the steps' samples."""
+    counts = [v.inputs[0].shape[0] for v in values]
+    per_sample = values[0].per_sample(*(torch.cat(parts) for parts in zip(*(v.inputs for v in values)))).float()
+    if len(set(counts)) == 1:  # equal batches: one reduction
+        return per_sample.view(len(values), counts[0]).sum(1)  # [steps * B] -> [steps]
+    return torch.stack([part.sum() for part in per_sample.split(counts)])

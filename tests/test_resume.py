@@ -100,35 +100,45 @@ def test_epoch_sums_are_the_same_wherever_they_are_read_or_saved() -> None:
     loaded into a fresh run, give bitwise the same totals (what makes train metrics survive a mid-epoch stop)."""
     import io
 
-    from nnctl.metrics import Averages, StepSums
+    from nnctl.metrics import Averages, Later, StepSums
+    from nnctl.objectives.classification import _correct
 
     gen = torch.Generator().manual_seed(0)
-    steps = [(n, {"acc": torch.randint(0, n + 1, (), generator=gen)}, {"loss": 3 * torch.rand((), generator=gen)})
-             for n in torch.randint(1, 65, (150,), generator=gen).tolist()]  # sizes vary: means are weighted by n
+    steps = []
+    for n in torch.randint(1, 65, (150,), generator=gen).tolist():  # sizes vary: means are weighted by n
+        logits, y = torch.randn(n, 5, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+        steps.append((n, {"acc": torch.randint(0, n + 1, (), generator=gen), "hits": Later(_correct, (logits, y))},
+                      {"loss": 3 * torch.rand((), generator=gen)}))
 
-    def totals(reads: set[int], saved_at: int | None = None) -> Averages:
+    def totals(reads: set[int], saved_at: int | None = None, held: int = StepSums.HELD_ELEMENTS) -> Averages:
         sums = StepSums()
+        sums.HELD_ELEMENTS = held  # elements of `Later` inputs held before they are reduced
         for i, step in enumerate(steps):
             if i == saved_at:  # a checkpoint, loaded as `nnctl train resume=` does
                 buffer = io.BytesIO()
                 torch.save(sums.state_dict(), buffer)
                 buffer.seek(0)
                 sums = StepSums(torch.load(buffer, weights_only=True))
+                sums.HELD_ELEMENTS = held
             sums.add(*step)
             if i in reads:
                 sums.totals().means()
         return sums.totals()
 
     straight = totals(reads=set())
-    for reads, saved_at in [(set(range(0, 150, 7)), None), ({3, 64, 65, 149}, 100), (set(range(150)), 37)]:
-        other = totals(reads, saved_at)
+    for reads, saved_at, held in [(set(range(0, 150, 7)), None, StepSums.HELD_ELEMENTS),
+                                  ({3, 64, 65, 149}, 100, StepSums.HELD_ELEMENTS), (set(range(150)), 37, 500),
+                                  (set(), None, 1000)]:  # a small `held` reduces the waiting `Later`s early
+        other = totals(reads, saved_at, held)
         assert other.sums["_n"] == straight.sums["_n"] == sum(n for n, _, _ in steps)
-        assert torch.equal(other.sums["acc"], straight.sums["acc"]) and torch.equal(other.sums["loss"],
-                                                                                    straight.sums["loss"])
+        for name in ("acc", "hits", "loss"):
+            assert torch.equal(other.sums[name], straight.sums[name]), name
     assert int(straight.sums["acc"]) == sum(int(s["acc"]) for _, s, _ in steps)  # counts stay exact
+    hits = [int((s["hits"].inputs[0].argmax(1) == s["hits"].inputs[1]).sum()) for _, s, _ in steps]
+    assert int(straight.sums["hits"]) == sum(hits)  # each step's `Later` counts its own samples
     one_by_one = Averages()
-    for step in steps:
-        one_by_one.add(*step)
+    for n, sums, means in steps:
+        one_by_one.add(n, {"acc": sums["acc"], "hits": torch.tensor(float(hits.pop(0)))}, means)
     assert straight.means() == pytest.approx(one_by_one.means(), rel=1e-6)
     # a checkpoint written with totals only (Averages' state) continues from them
     continued = StepSums(dict(one_by_one.state_dict()))
