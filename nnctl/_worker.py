@@ -1,6 +1,6 @@
 """One worker of `nnctl train trainer.nproc_per_node=N`: `python -m nnctl._worker CONFIG.yaml`.
 
-The launcher (nnctl.distributed.launch) has composed and resolved the config once and created the run dir; the
+The launcher (nnctl.launch.launch) has composed and resolved the config once and created the run dir; the
 elastic agent sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. No Hydra here: one run dir per job.
 Exit codes follow `nnctl train`: 0, 2 for a user error (one line on stderr), 128+signal after a graceful stop.
 """

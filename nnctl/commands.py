@@ -38,7 +38,7 @@ def train_task(cfg: DictConfig) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
 
     from nnctl import checkpoint as ck
-    from nnctl import distributed
+    from nnctl import launch
     from nnctl.reporting import console, print_config
     from nnctl.validate import validate
 
@@ -57,10 +57,10 @@ def train_task(cfg: DictConfig) -> dict[str, Any]:
         console.print(f"nothing left to train: {run_dir} has trained {state[ck.EPOCH]} epoch(s), {state[ck.STEP]} "
                       f"steps, as many as this run asks for; {longer}", markup=False, soft_wrap=True)
         return {"epochs": state[ck.EPOCH], "global_step": state[ck.STEP], "checkpoint": cfg.resume}
-    distributed.publish_run_dir(run_dir)  # launched by torchrun/srun: the other ranks train in this run dir
+    launch.publish_run_dir(run_dir)  # launched by torchrun/srun: the other ranks train in this run dir
     print_config(cfg)
-    if distributed.spawns(cfg):  # trainer.nproc_per_node / nnodes > 1: start the workers
-        return distributed.launch(cfg, run_dir)
+    if launch.spawns(cfg):  # trainer.nproc_per_node / nnodes > 1: start the workers
+        return launch.launch(cfg, run_dir)
     return train(cfg, run_dir, state, plan)
 
 
@@ -264,7 +264,7 @@ def run(command: str, args: list[str]) -> int:
     if command in PATCHING:
         args = _prepare_eval_args(args)
     if command == "train":
-        from nnctl.distributed import external_args
+        from nnctl.launch import external_args
 
         try:
             args = external_args(args)  # started by torchrun/srun: ranks > 0 run in rank 0's run dir
@@ -302,7 +302,7 @@ def run(command: str, args: list[str]) -> int:
         if not full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         if command == "train":
-            from nnctl.distributed import publish_run_dir
+            from nnctl.launch import publish_run_dir
 
             publish_run_dir(None)  # a job that failed before its run started: the other ranks stop too
     return _report_jobs(command)
