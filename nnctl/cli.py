@@ -50,7 +50,16 @@ def _completion_command() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # the reader went away (`nnctl --help | head`): stop quietly, as the shell's own tools do. stdout goes to
+        # /dev/null first, or Python fails again flushing it at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # the shell's code for a process ended by SIGPIPE
+
+
+def _main(args: list[str]) -> int:
     if args and args[0] in ("-sc", "--shell-completion") and any(a.startswith("query=") for a in args):
         command = _completion_command()
         if command is None:  # still typing the command name

@@ -46,6 +46,8 @@ def _user_message(exc: BaseException | None, command: str | None, args: list[str
         seen.add(id(exc))
         if isinstance(exc, UserError):
             return str(exc)
+        if isinstance(exc, BrokenPipeError):  # the output's reader went away (`| head`): the CLI stops quietly
+            return None
         if isinstance(exc, OverrideParseException):
             return _override_message(exc)
         if isinstance(exc, (MissingConfigException, ConfigCompositionException)):

@@ -613,6 +613,16 @@ def test_train_help_lists_groups_and_options(capsys: pytest.CaptureFixture) -> N
         assert re.search(rf"^{group}: .*{options}", out, re.MULTILINE), (group, out)
 
 
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_help_into_a_closed_pipe_stops_quietly(args: list[str]) -> None:
+    """`nnctl --help | head`: the reader is gone before the help is written; no traceback, no bogus run-dir error,
+    the exit status a shell gives a process its pipe closed on (128 + SIGPIPE)."""
+    proc = subprocess.Popen([sys.executable, "-m", "nnctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has even started: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and err == "", err
+
+
 def test_user_message_without_run_context() -> None:
     """user_message also works when called outside run() (e.g. by a sweep job or a test)."""
     from nnctl.commands import user_message
