@@ -32,7 +32,8 @@ FAMILIES = {
             "trainer/checkpoint=loss"],
     "diffusion": ["model=diffusion", "objective=diffusion", "model.channels=[16,32]", "model.conditional=true",
                   "model.sample_steps=4", "model.timesteps=100", "optimizer.lr=2e-3", "trainer/ema=on",
-                  "trainer.ema.decay=0.9", "objective.grid_samples=16", "trainer/checkpoint=loss"],
+                  "trainer.ema.decay=0.9", "objective.grid_samples=16", "trainer/checkpoint=loss",
+                  "objective.snr_gamma=5.0"],  # the min-SNR weighting of the fashion_mnist_ddpm preset
 }
 
 
