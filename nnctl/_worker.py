@@ -25,6 +25,18 @@ def _die_with_launcher() -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+def share_cores() -> None:
+    """Give this worker its share of the intra-op threads: N workers each starting torch's default (every core)
+    oversubscribe the CPU (measured on 2 cores, 2 CPU workers: 23.6-27.1 s an epoch, 18.0 s with one thread each).
+    torchrun does the same with OMP_NUM_THREADS=1; an OMP_NUM_THREADS the user set wins."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by the elastic agent: workers on this node
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+
+
 def main(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -40,6 +52,7 @@ def _main(argv: list[str]) -> int:
     from nnctl.errors import USER_ERROR_EXIT, Interrupted
 
     _die_with_launcher()
+    share_cores()
     cfg = OmegaConf.load(argv[0])
     run_dir = Path(cfg.paths.run_dir)
     found = distributed.detect()

@@ -400,3 +400,25 @@ def test_srun_tasks_are_detected_and_need_master_addr(monkeypatch: pytest.Monkey
     monkeypatch.setenv("MASTER_ADDR", "node001")
     assert detect() == (3, 4, 1)
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_PORT"]) == ("3", "4", "29500")
+
+
+def test_launched_workers_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each of N workers on a node takes 1/N of the intra-op threads, unless OMP_NUM_THREADS says otherwise."""
+    from nnctl._worker import share_cores
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        share_cores()
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # more workers than threads: one each
+        share_cores()
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(4)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting is left alone
+        share_cores()
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
