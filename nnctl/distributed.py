@@ -89,13 +89,17 @@ class Dist:
             if backend == "auto":  # CPU tensors (objects, votes) over gloo either way
                 backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
             timeout = datetime.timedelta(seconds=trainer.dist_timeout)
-            store = self.store or self._rendezvous(timeout)
+            store = self.store or self.rendezvous(timeout)
             td.init_process_group(backend, store=store, rank=self.rank, world_size=self.world, timeout=timeout)
         return device
 
-    def _rendezvous(self, timeout: datetime.timedelta) -> Any:
+    def rendezvous(self, timeout: datetime.timedelta | None = None) -> Any:
+        """Meet the other ranks (env://) and keep the job's key-value store, which the process group then reuses.
+        `timeout` defaults to NNCTL_DIST_TIMEOUT seconds (600): the wait before any config has been read."""
         import torch.distributed as td
 
+        if timeout is None:
+            timeout = datetime.timedelta(seconds=float(os.environ.get("NNCTL_DIST_TIMEOUT", 600)))
         store, _, _ = next(td.rendezvous("env://", self.rank, self.world, timeout=timeout))
         self.store = store
         return store

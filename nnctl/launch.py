@@ -11,7 +11,6 @@ Three ways in:
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import sys
@@ -35,8 +34,7 @@ def external_args(args: list[str]) -> list[str]:
     dist = join(*found)
     if dist.main:
         return args
-    timeout = datetime.timedelta(seconds=float(os.environ.get("NNCTL_DIST_TIMEOUT", 600)))
-    store = dist._rendezvous(timeout)
+    store = dist.rendezvous()
     run_dir = store.get(RUN_DIR_KEY).decode()
     if not run_dir:  # rank 0 failed before its run started, and said why
         raise SystemExit(2)
@@ -51,7 +49,7 @@ def publish_run_dir(run_dir: Path | None) -> None:
     if dist.world > 1 and dist.main and not dist.published:
         dist.published = True
         if dist.store is None:
-            dist._rendezvous(datetime.timedelta(seconds=float(os.environ.get("NNCTL_DIST_TIMEOUT", 600))))
+            dist.rendezvous()
         dist.store.set(RUN_DIR_KEY, str(run_dir) if run_dir else "")
 
 
