@@ -204,6 +204,7 @@ RULES: list[Rule] = [
     Rule("model.whiten_width", INT, lambda v: v >= 2, "an integer >= 2 or null (all eigenvectors)", nullable=True),
     Rule("model.whiten_kernel", INT, lambda v: v >= 1, "an integer >= 1, e.g. 2"),
     Rule("model.logit_scale", NUM, _positive, "a number > 0, e.g. 0.111"),
+    Rule("model.norm_bias_lr_mult", NUM, _positive, "a number > 0, e.g. 64 (1 = the optimizer's lr)"),
     Rule("model.n_layer", INT, lambda v: v >= 1, "an integer >= 1, e.g. model.n_layer=4"),
     Rule("model.n_head", INT, lambda v: v >= 1, "an integer >= 1, e.g. model.n_head=4"),
     Rule("model.n_embd", INT, lambda v: v >= 1, "an integer >= 1 (a multiple of model.n_head), e.g. 128"),

@@ -505,3 +505,35 @@ def test_every_data_key_is_commented(path: Path) -> None:
     for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith(("#", "_target_", "-")):
             assert "#" in line or line.rstrip().endswith(":"), f"{path.name}: {line!r} has no comment"
+
+
+def test_airbench_norm_biases_keep_their_lr_multiple_through_the_schedule(tmp_path: Path) -> None:
+    """model.norm_bias_lr_mult (airbench's bias scaler): the batch-norm biases train in an optimizer group of their
+    own whose lr is that multiple of the weights' lr at every step of the one-cycle schedule, and they move."""
+    cfg = compose_train("experiment=fashion_mnist_fast", "data=synthetic", "data.num_samples=256",
+                        "data.batch_size=32", "model.widths=[8,8,8]", "model.norm_bias_lr_mult=64",
+                        "trainer.max_epochs=1", "trainer.device=cpu", "trainer.progress=false",
+                        "trainer.checkpoint.enabled=false", "trainer.init_samples=64", "eval.tta=none")
+    engine = Engine(cfg, tmp_path / "run")
+    biases = {n: p for n, p in engine.net.named_parameters() if ".norm" in n and n.endswith(".bias")}
+    before = {n: p.detach().clone() for n, p in biases.items()}
+    engine.configure_optimization()
+    groups = engine.optimizer.param_groups
+    ids = {id(p) for p in biases.values()}
+    fast = [g for g in groups if {id(p) for p in g["params"]} == ids]
+    rest = [g for g in groups if not ids & {id(p) for p in g["params"]}]
+    assert len(fast) == 1 and rest and sum(len(g["params"]) for g in groups) == len(
+        [p for p in engine.net.parameters() if p.requires_grad])
+    lrs = []
+    after_step = engine.optim.after_step
+
+    def watched() -> None:  # the lr the update just used, in both groups
+        lrs.append((fast[0]["lr"], rest[0]["lr"]))
+        after_step()
+
+    engine.optim.after_step = watched
+    engine.fit()
+    assert len(lrs) == engine.total_steps() >= 5
+    assert len({round(b, 12) for _, b in lrs}) > 2  # the schedule does move the lr
+    assert all(a == pytest.approx(64 * b, rel=1e-9) for a, b in lrs)
+    assert all(not torch.equal(before[n], p.detach()) for n, p in biases.items())

@@ -159,6 +159,8 @@ CASES = [
          r"model\.widths: got \[\]; expected a non-empty list of integers >= 1"),
     case("airbench-whiten-width-1", ["train", "model=airbench", "model.whiten_width=1"],
          r"model\.whiten_width: got 1; expected an integer >= 2 or null"),
+    case("airbench-norm-bias-lr-mult-0", ["train", "model=airbench", "model.norm_bias_lr_mult=0"],
+         r"model\.norm_bias_lr_mult: got 0; expected a number > 0"),
     # -- experiment trackers -------------------------------------------------------------------------------------------
     case("logger-unknown", ["train", "logger=mlfow"], r"logger=mlfow: unknown option \(did you mean 'mlflow'\?\); "
                                                       r"choose one of csv, many, mlflow, none, tensorboard, wandb"),

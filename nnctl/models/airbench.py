@@ -37,7 +37,7 @@ class _Block(nn.Module):
 class AirBench(nn.Module):
     def __init__(self, in_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (64, 256, 256),
                  whiten_width: int | None = None, whiten_kernel: int = 2, logit_scale: float = 1 / 9,
-                 activation: str = "gelu") -> None:
+                 activation: str = "gelu", norm_bias_lr_mult: float = 1.0) -> None:
         super().__init__()
         self.act = _activation(activation)
         c_in = in_shape[0]
@@ -54,6 +54,12 @@ class AirBench(nn.Module):
                                       for a, b, size in zip(chans[:-1], chans[1:], sizes)))
         self.head = nn.Linear(chans[-1], num_classes, bias=False)
         self.logit_scale = logit_scale
+        # airbench's bias scaler: the norm biases (the norms' only learned parameters) step this many times the lr.
+        # The tag gives them their own optimizer group (nnctl.optimization.param_groups); finetune.lr_mult overrides.
+        if norm_bias_lr_mult != 1.0:
+            for name, p in self.blocks.named_parameters():
+                if ".norm" in name and name.endswith(".bias"):
+                    p.lr_mult = float(norm_bias_lr_mult)
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
