@@ -57,9 +57,9 @@ class AirBench(nn.Module):
         # airbench's bias scaler: the norm biases (the norms' only learned parameters) step this many times the lr.
         # The tag gives them their own optimizer group (nnctl.optimization.param_groups); finetune.lr_mult overrides.
         if norm_bias_lr_mult != 1.0:
-            for name, p in self.blocks.named_parameters():
-                if ".norm" in name and name.endswith(".bias"):
-                    p.lr_mult = float(norm_bias_lr_mult)
+            for norm in self.modules():
+                if isinstance(norm, _BatchNorm):
+                    norm.bias.lr_mult = float(norm_bias_lr_mult)
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
