@@ -200,12 +200,27 @@ class Reporter:
     def __init__(self, trial: Any, metric: str, mode: str) -> None:
         self.trial, self.metric, self.sign = trial, metric, (1.0 if mode == "max" else -1.0)
         self.history: dict[int, float] = {}
+        self.epoch_seconds: list[float] = []  # wall time of each epoch, validation included: what pruning skips
+        self._mark = time.perf_counter()
+
+    def start(self) -> None:
+        """Time epochs from here (just before `fit`), not from composing the trial."""
+        self._mark = time.perf_counter()
+
+    def record(self, trial: Any, max_epochs: int) -> None:
+        """Leave what the pruning report needs on the trial, before it is told."""
+        if self.epoch_seconds:
+            trial.set_user_attr("epoch_seconds", sum(self.epoch_seconds) / len(self.epoch_seconds))
+        trial.set_user_attr("max_epochs", int(max_epochs))
 
     @property
     def best(self) -> float | None:
         return max(self.history.values(), key=lambda v: self.sign * v) if self.history else None
 
     def __call__(self, engine: Any, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        self.epoch_seconds.append(now - self._mark)
+        self._mark = now
         value = float(metrics[self.metric])
         self.history[engine.epoch] = value
         self.trial.report(value, step=engine.epoch)
@@ -238,9 +253,11 @@ def run_trial(trial: Any, search: DictConfig, fixed: list[str], space: dict[str,
         engine = Engine(cfg, run_dir)
         engine.epoch_hooks.append(reporter)
         log.info("trial %d: %s", trial.number, " ".join(overrides))
+        reporter.start()
         engine.fit()
     except TrialPruned as exc:
         write_json(run_dir / PRUNED_FILE, {"epoch": exc.epoch, "best": reporter.best, "history": reporter.history})
+        reporter.record(trial, engine.t.max_epochs)
         trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log.info("trial %d %s", trial.number, exc)
         return
@@ -257,6 +274,7 @@ def run_trial(trial: Any, search: DictConfig, fixed: list[str], space: dict[str,
         trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         log.error("trial %d failed: %s", trial.number, message)
         return
+    reporter.record(trial, engine.t.max_epochs)
     trial.study.tell(trial, reporter.best)
 
 
@@ -409,23 +427,27 @@ def tune(cfg: DictConfig, study_dir: Path, task_overrides: list[str]) -> dict[st
 
 
 def pruning_report(study: Any) -> dict[str, Any]:
-    """What pruning saved: each pruned trial would have taken as long as the study's complete trials take on
-    average (same recipe, same epochs), so the saving is that mean minus what the pruned trial actually ran."""
+    """What pruning saved: each pruned trial skipped the epochs between where it stopped and `max_epochs`, each at
+    the study's mean epoch time (complete trials' epochs; the pruned trials' own when none completed). Epochs, not
+    whole trials, are compared so that start-up time, which pruning does not save, does not blur a short study."""
     import optuna
 
     states = optuna.trial.TrialState
     done = [t for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
             if t.datetime_start is not None and t.datetime_complete is not None]
     seconds = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in done}
-    complete = [seconds[t.number] for t in done if t.state == states.COMPLETE]
+    ran = {t.number: max(t.intermediate_values, default=0) for t in done}  # epochs each trial finished
+    per_epoch = {t.number: t.user_attrs.get("epoch_seconds", seconds[t.number] / max(ran[t.number], 1))
+                 for t in done}  # studies written before epochs were timed: the trial's wall time per epoch
     pruned = [t for t in done if t.state == states.PRUNED]
-    full = sum(complete) / len(complete) if complete else 0.0
-    saved = sum(max(0.0, full - seconds[t.number]) for t in pruned) if complete else 0.0
+    basis = [per_epoch[t.number] for t in done if t.state == states.COMPLETE] or [per_epoch[t.number] for t in pruned]
+    epoch_s = sum(basis) / len(basis) if basis else 0.0
+    saved = sum(max(0, t.user_attrs.get("max_epochs", ran[t.number]) - ran[t.number]) * epoch_s for t in pruned)
     total = sum(seconds.values())
-    epochs = [max(t.intermediate_values, default=0) for t in pruned]
+    epochs = [ran[t.number] for t in pruned]
     return {"finished": len(done), "pruned": len(pruned),
             "pruned_epochs_mean": sum(epochs) / len(epochs) if epochs else 0.0,
-            "complete_trial_seconds_mean": full, "seconds_total": total, "seconds_saved": saved,
+            "epoch_seconds_mean": epoch_s, "seconds_total": total, "seconds_saved": saved,
             "seconds_saved_fraction": saved / (total + saved) if total + saved else 0.0}
 
 

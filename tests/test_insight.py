@@ -114,8 +114,9 @@ def test_tune_prunes_bad_trials_and_writes_summary_preset_and_plots(cli: Callabl
     assert [r["status"] for r in summary["jobs"]] == ["ok", "pruned", "pruned"] and summary["varied"] == [
         "optimizer.lr"]
     assert summary["jobs"][0]["monitor"] > 0.5
-    pruning = _json(study / "pruning.json")  # two trials stopped after 1 of 2 epochs: time was saved
-    assert pruning["pruned"] == 2 and pruning["pruned_epochs_mean"] == 1 and pruning["seconds_saved"] > 0
+    pruning = _json(study / "pruning.json")  # two trials stopped after 1 of 2 epochs: each skipped one epoch
+    assert pruning["pruned"] == 2 and pruning["pruned_epochs_mean"] == 1 and pruning["epoch_seconds_mean"] > 0
+    assert pruning["seconds_saved"] == pytest.approx(2 * pruning["epoch_seconds_mean"])
     preset = (study / "experiment" / "best.yaml").read_text()
     assert preset.startswith("# @package _global_") and yaml.safe_load(preset) == {"optimizer": {"lr": 0.01}}
     for name in ("optimization_history", "parallel_coordinate"):
