@@ -53,7 +53,7 @@ def range_test(engine: Any, start_lr: float, end_lr: float, num_steps: int, smoo
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
             engine.optimizer.zero_grad(set_to_none=True)
-            value = float(loss)
+            value = loss.item()  # float() on a tensor that requires grad warns
             if not math.isfinite(value):
                 break
             avg = smoothing * avg + (1 - smoothing) * value
