@@ -1,6 +1,6 @@
 """Run every benchmark (each in its own process) and write bench/RESULTS.md.
 
-    python -m bench.run_all                  # everything at full settings (~17 min on a quiet 2-core machine)
+    python -m bench.run_all                  # everything at full settings (~30 min on a quiet 2-core machine)
     python -m bench.run_all --quick          # reduced repeats: checks the scripts, noisy numbers
     python -m bench.run_all --only startup data_pipeline
     make bench                               # installs the `bench` extra (lightning) first
@@ -93,6 +93,9 @@ def write_markdown(results: list[dict[str, Any]], args: argparse.Namespace, seco
     for r in results:
         lines.append(f"| [{r['name']}](#{r['name'].replace('_', '-')}) | {r.get('goal', '-')} | "
                      f"{r.get('headline', '-')} | **{status(r)}** | {r['wall_s'] / 60:.1f} min |")
+    if (BENCH_DIR / "HISTORY.md").is_file():
+        lines += ["", "Earlier runs on other machines, and the experiments behind the presets' settings (what was "
+                  "tried and rejected): [HISTORY.md](HISTORY.md)."]
     for r in results:
         lines += ["", f"## {r['name']}", "", f"{TITLES.get(r['name'], '')}. "
                   f"Command: `{r.get('command', 'python -m bench.' + r['name'])}`", ""]
