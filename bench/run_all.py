@@ -2,7 +2,8 @@
 
     python -m bench.run_all                  # everything at full settings (~30 min on a quiet 2-core machine)
     python -m bench.run_all --quick          # reduced repeats: checks the scripts, noisy numbers
-    python -m bench.run_all --only startup data_pipeline
+    python -m bench.run_all --only startup data_pipeline   # reruns these; the others keep their last results
+    python -m bench.run_all --report         # runs nothing: rewrites RESULTS.md from bench/results/*.json
     make bench                               # installs the `bench` extra (lightning) first
 
 Each benchmark prints its own table and writes bench/results/<name>.json; RESULTS.md collects the machine
@@ -87,18 +88,24 @@ def write_markdown(results: list[dict[str, Any]], args: argparse.Namespace, seco
           if machine.get("loadavg") and machine["loadavg"][0] > machine["nproc"] else []),
         "## Summary",
         "",
+        *(["Rows marked *earlier run* keep the last result of a benchmark not run this time "
+           "(`--only`, `--skip`, `--report`).", ""] if any(r.get("earlier") for r in results) else []),
         "| benchmark | goal | result | status | script time |",
         "|---|---|---|---|---|",
     ]
     for r in results:
+        minutes = r["wall_s"] / 60
+        when = ("-" if minutes != minutes else f"{minutes:.1f} min") + (  # nan: a result that did not time itself
+            f" (earlier run, {r['earlier']})" if r.get("earlier") else "")
         lines.append(f"| [{r['name']}](#{r['name'].replace('_', '-')}) | {r.get('goal', '-')} | "
-                     f"{r.get('headline', '-')} | **{status(r)}** | {r['wall_s'] / 60:.1f} min |")
+                     f"{r.get('headline', '-')}{' (quick)' if r.get('quick') else ''} | **{status(r)}** | {when} |")
     if (BENCH_DIR / "HISTORY.md").is_file():
         lines += ["", "Earlier runs on other machines, and the experiments behind the presets' settings (what was "
                   "tried and rejected): [HISTORY.md](HISTORY.md)."]
     for r in results:
         lines += ["", f"## {r['name']}", "", f"{TITLES.get(r['name'], '')}. "
-                  f"Command: `{r.get('command', 'python -m bench.' + r['name'])}`", ""]
+                  f"Command: `{r.get('command', 'python -m bench.' + r['name'])}`"
+                  + (f" (an earlier run, finished {r['earlier']})" if r.get("earlier") else ""), ""]
         if r.get("error"):
             lines += [f"Failed: {r['error']}. See the console output of the run.", ""]
             continue
@@ -117,6 +124,19 @@ def write_markdown(results: list[dict[str, Any]], args: argparse.Namespace, seco
     return path
 
 
+def earlier_results(ran: list[str]) -> list[dict[str, Any]]:
+    """The last results of the benchmarks not run this time (bench/results/<name>.json), so that `--only` refreshes
+    some rows of RESULTS.md without dropping the others; each is marked with when it finished."""
+    found = []
+    for name in BENCHMARKS:
+        path = RESULTS_DIR / f"{name}.json"
+        if name not in ran and path.is_file():
+            result = json.loads(path.read_text())
+            found.append({**result, "earlier": result.get("finished", "an earlier run"),
+                          "wall_s": result.get("seconds", float("nan"))})  # the script's own time
+    return sorted(found, key=lambda r: BENCHMARKS.index(r["name"]))
+
+
 def _docstring(name: str) -> str:
     try:
         import importlib
@@ -132,19 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced repeats in every benchmark")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
     parser.add_argument("--skip", nargs="+", choices=BENCHMARKS, default=[], help="leave these out")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: rewrite RESULTS.md from the last results in bench/results/")
     args = parser.parse_args(argv)
-    names = [n for n in (args.only or BENCHMARKS) if n not in args.skip]
+    names = [] if args.report else [n for n in (args.only or BENCHMARKS) if n not in args.skip]
     machine = machine_info()
     print(f"machine: {machine['cpu']}, nproc {machine['nproc']}, torch {machine['torch']}, "
           f"load {machine['loadavg']}")
     start = time.perf_counter()
     results = [run_one(name, args.quick, []) for name in names]
     seconds = time.perf_counter() - start
-    path = write_markdown(results, args, seconds, machine)
+    shown = sorted(results + earlier_results(names), key=lambda r: BENCHMARKS.index(r["name"]))
+    path = write_markdown(shown, args, seconds, machine)
     print(f"\n{'=' * 100}")
-    width = max(len(r["name"]) for r in results)
-    for r in results:
-        print(f"{r['name']:<{width}}  {status(r):<10}  {r.get('headline', '')}  ({r['wall_s'] / 60:.1f} min)")
+    width = max((len(r["name"]) for r in shown), default=0)
+    for r in shown:
+        when = f"earlier run, {r['earlier']}" if r.get("earlier") else f"{r['wall_s'] / 60:.1f} min"
+        print(f"{r['name']:<{width}}  {status(r):<10}  {r.get('headline', '')}  ({when})")
     print(f"total {seconds / 60:.1f} min; wrote {path.relative_to(ROOT)}")
     return 1 if any(r.get("error") for r in results) else 0
 
