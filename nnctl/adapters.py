@@ -89,7 +89,19 @@ def qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
             dequantize_4bit(model, replaced)
         else:
             model.is_loaded_in_4bit = True  # how peft recognizes a 4-bit model (transformers sets it for its own)
+    keep_standard_4bit_layout(model)
     return _inject(model, fingerprint, r, alpha, dropout, target_modules, modules_to_save, use_dora)
+
+
+def keep_standard_4bit_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer in bitsandbytes' standard layout. On a CPU with AVX512-BF16, bitsandbytes repacks a
+    Linear4bit's weights in place at its first no-grad forward in eval mode, into a CPU inference layout with
+    bf16 quantization statistics: the base then changes under the adapters with the first evaluation (its bytes,
+    its checkpoint keys and its outputs depend on the CPU and on whether an evaluation ran), and a layer narrower
+    than one quantization block fails to repack at all. Training and evaluation run the same kernels this way."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):  # bitsandbytes >= 0.48's flag, set per layer
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_quantization(adapter: Callable[..., nn.Module], init_from: str | None = None) -> dict[str, Any]:

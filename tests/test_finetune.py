@@ -82,6 +82,26 @@ def test_export_merged_matches_the_adapter_model(adapter: str, pretrained: Path,
         assert torch.allclose(merged(x), engine.net.eval()(x), atol=1e-5)
 
 
+def test_qlora_base_keeps_its_layout_through_evaluation_on_any_cpu(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """bitsandbytes repacks a Linear4bit in place at its first eval-mode forward when the CPU has AVX512-BF16 (and
+    fails on layers narrower than a quantization block: the tiny LM's tests cover that). Made to believe this CPU
+    has it, the base still keeps its layout, bytes and checkpoint keys through an evaluation, and evaluating twice
+    gives the same loss."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # read when each Linear4bit is built
+    engine = _engine([*MLP, "adapter=qlora"], tmp_path / "run")
+    layers = [m for m in engine.net.modules() if isinstance(m, bnb_modules.Linear4bit)]
+    assert len(layers) == 2
+    base = {k: v.clone() for k, v in engine.net.state_dict().items() if "lora" not in k}
+    first = engine.evaluate("val")["val/loss"]
+    assert engine.evaluate("val")["val/loss"] == first
+    after = {k: v for k, v in engine.net.state_dict().items() if "lora" not in k}
+    assert after.keys() == base.keys() and all(torch.equal(base[k], after[k]) for k in base)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
 def test_init_from_recreates_a_head_that_does_not_fit(pretrained: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert main(["train", *MLP, "data.classes=[7,8,9]", "trainer.max_epochs=2", "optimizer.lr=0.01", f"init_from={pretrained}",
