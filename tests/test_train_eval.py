@@ -199,6 +199,27 @@ def test_warnings_reach_the_console_once_per_job(cli: Callable[..., int], tmp_pa
         assert text.count("skipped 1 unreadable image file(s)") == 1 and "data image_folder: train" in text
 
 
+def test_bitsandbytes_kernels_advice_stays_off_the_console(cli: Callable[..., int], monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes advises at import to install `kernels` for a packed 4-bit layout that nnctl
+    keeps off (configs/hydra/default.yaml quiets that logger); other warnings still print."""
+    import logging
+
+    from nnctl.engine import Engine
+
+    fit = Engine.fit
+
+    def warn_then_fit(self: Engine) -> dict:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        logging.getLogger("nnctl.engine").warning("a warning of nnctl's own")
+        return fit(self)
+
+    monkeypatch.setattr(Engine, "fit", warn_then_fit)
+    assert cli("train", *TINY, "data=digits", "trainer.max_epochs=1", "trainer.limit_train_batches=1") == 0
+    out = capsys.readouterr().out
+    assert "warning: a warning of nnctl's own" in out and "gemm_4bit_forward" not in out
+
+
 # -- precision, schedulers, debug modes --------------------------------------------------------------------------------
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_reduced_precision_trains_on_cpu(precision: str, cli: Callable[..., int], tmp_path: Path) -> None:
