@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,8 +97,7 @@ def write_markdown(results: list[dict[str, Any]], args: argparse.Namespace, seco
         "|---|---|---|---|---|",
     ]
     for r in results:
-        minutes = r["wall_s"] / 60
-        when = ("-" if minutes != minutes else f"{minutes:.1f} min") + (  # nan: a result that did not time itself
+        when = ("-" if math.isnan(r["wall_s"]) else f"{r['wall_s'] / 60:.1f} min") + (  # nan: not timed by itself
             f" (earlier run, {r['earlier']})" if r.get("earlier") else "")
         lines.append(f"| [{r['name']}](#{r['name'].replace('_', '-')}) | {r.get('goal', '-')} | "
                      f"{r.get('headline', '-')}{' (quick)' if r.get('quick') else ''} | **{status(r)}** | {when} |")
@@ -135,8 +135,8 @@ def earlier_results(ran: list[str]) -> list[dict[str, Any]]:
         if name not in ran and path.is_file():
             result = json.loads(path.read_text())
             found.append({**result, "earlier": result.get("finished", "an earlier run"),
-                          "wall_s": result.get("seconds", float("nan"))})  # the script's own time
-    return sorted(found, key=lambda r: BENCHMARKS.index(r["name"]))
+                          "wall_s": result.get("seconds", math.nan)})  # the script's own time
+    return found
 
 
 def _docstring(name: str) -> str:
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_one(name, args.quick, []) for name in names]
     seconds = time.perf_counter() - start
     shown = sorted(results + earlier_results(names), key=lambda r: BENCHMARKS.index(r["name"]))
+    if not results and shown:  # --report: the machine the results came from, not this moment's load
+        machine = shown[0].get("machine", machine)
     path = write_markdown(shown, args, seconds, machine)
     print(f"\n{'=' * 100}")
     width = max((len(r["name"]) for r in shown), default=0)
