@@ -7,12 +7,13 @@ Starting from the bare loop of bench/engine_overhead.py, each rung adds one thin
               pre-normalized float tensors
   bare (A/A)  the same bare loop again, with its own copy of the model: its distance from bare is the noise
   +data       batches from nnctl's ImageData.train_batches (augmentation off: slices of the split normalized once)
-  +acc        train accuracy in the objective: torch.count_nonzero(logits.argmax(1) == y), a count
-  +sums       the running sums (nnctl.metrics.StepSums.add(n, {"acc": count}, {"loss": loss.detach()})): a list
-              append per step, stacked and summed at logging steps and the epoch's end
+  +acc        train accuracy as the classification objective returns it: a `Later` holding the detached
+              logits and the labels (the count is taken for many steps at once, when the sums are read)
+  +sums       the running sums (nnctl.metrics.StepSums.add(n, {"acc": later}, {"loss": loss.detach()})): list
+              appends per step; the losses stacked at logging steps, everything at the epoch's end
   +isfinite   math.isfinite(loss.item()) per step (the non-finite-loss guard as it runs on the CPU)
-  +log        every log_every_n_steps (and at epoch end): total grad norm, running means, 4 TensorBoard
-              scalars, a (disabled) progress-bar update
+  +log        every log_every_n_steps optimizer steps: total grad norm, the running losses, 4 TensorBoard
+              scalars (a progress bar that is off is not drawn)
   engine      the real Engine.fit, timed as in engine_overhead (training iterations only)
 
 All variants run interleaved epoch by epoch in one process (each with its own copy of the same initial model);
@@ -37,6 +38,8 @@ import torch.nn.functional as F
 
 from bench._common import base_parser, median, table, write_result
 from bench.engine_overhead import build, instrument
+from nnctl.metrics import Later, StepSums
+from nnctl.objectives.classification import _correct
 
 RUNGS = ["bare", "bare (A/A)", "+data", "+acc", "+sums", "+isfinite", "+log"]
 FEATURES = {"bare": 0, "bare (A/A)": 0, "+data": 1, "+acc": 2, "+sums": 3, "+isfinite": 4, "+log": 5}  # rung -> level
@@ -44,13 +47,13 @@ FEATURES = {"bare": 0, "bare (A/A)": 0, "+data": 1, "+acc": 2, "+sums": 3, "+isf
 
 def accumulator():
     """The engine's running sums, called the way Engine.fit calls them: (add(loss, stats, n), means())."""
-    from nnctl.metrics import StepSums
 
     sums = StepSums()
-    return (lambda loss, stats, n: sums.add(n, stats, {"loss": loss.detach()})), (lambda: sums.totals().means("train/"))
+    return ((lambda loss, stats, n: sums.add(n, stats, {"loss": loss.detach()})),
+            (lambda: sums.totals(means_only=True).means("train/")))
 
 
-def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, task) -> tuple[float, int]:
+def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb) -> tuple[float, int]:
     """One epoch of the bare loop with the features up to `level` switched on (FEATURES)."""
     model, opt, sched, bare = st["model"], st["opt"], st["sched"], st["bare"]
     t = engine.cfg.trainer
@@ -65,11 +68,10 @@ def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, ta
     add, means = accumulator()
     model.train()
     steps = 0
-    n_batches = engine.data.num_batches("train")
-    for i, (xb, yb) in enumerate(batches):
+    for xb, yb in batches:
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
-        stats = {"acc": torch.count_nonzero(logits.argmax(dim=1) == yb)} if level >= 2 else {}
+        stats = {"acc": Later(_correct, (logits.detach(), yb))} if level >= 2 else {}
         loss.backward()
         if level >= 3:
             add(loss, stats, len(yb))
@@ -79,20 +81,20 @@ def ladder_epoch(level: int, st: dict[str, Any], engine, epoch: int, tb, bar, ta
         opt.zero_grad(set_to_none=True)
         sched.step()
         steps += 1
-        if level >= 5 and (steps % log_every == 0 or steps == n_batches):
+        st["step"] = st.get("step", 0) + 1  # the run's optimizer steps: the log cadence counts these
+        if level >= 5 and st["step"] % log_every == 0:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             running = means() if level >= 3 else {"train/loss": float(loss)}
             tb.scalars({"train/loss_running": running["train/loss"], "lr": opt.param_groups[0]["lr"],
-                        "train/grad_norm": float(norm), "train/samples_per_s": 1.0}, steps)
-            bar.update(task, completed=steps, stats=f"loss {running['train/loss']:.4f}")
+                        "train/grad_norm": float(norm), "train/samples_per_s": 1.0}, st["step"])
     return time.thread_time() - start, steps
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from nnctl.loggers.base import RunInfo
     from nnctl.loggers.tensorboard import TensorBoardLogger
-    from nnctl.reporting import console, epoch_progress
+    from nnctl.reporting import console
 
     parser = base_parser(__doc__)
     parser.add_argument("--case", default="mlp", choices=["mlp", "cnn"])
@@ -123,12 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 k = self.epoch
                 order = list(range(len(RUNGS)))
                 order = order[k % len(order):] + order[:k % len(order)]
-                with epoch_progress(False) as bar:
-                    task = bar.add_task("ladder", total=None, stats="")
-                    for rung in order:
-                        seconds, steps = ladder_epoch(FEATURES[RUNGS[rung]], states[rung], engine, k, tb, bar, task)
-                        if k >= args.warmup:
-                            times[RUNGS[rung]].append(1e6 * seconds / steps)
+                for rung in order:
+                    seconds, steps = ladder_epoch(FEATURES[RUNGS[rung]], states[rung], engine, k, tb)
+                    if k >= args.warmup:
+                        times[RUNGS[rung]].append(1e6 * seconds / steps)
                 self.epoch += 1
                 return 1.0, engine.data.num_batches("train")
 

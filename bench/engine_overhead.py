@@ -16,7 +16,7 @@ optimizer, learning-rate schedule and number of steps):
 What is timed: only the training iterations of each epoch. The engine is instrumented from outside (its
 `data.train_batches` is wrapped, nnctl is not modified): the clock starts when the engine asks for the first
 batch of an epoch and stops when it asks for the batch after the last one, i.e. after the last optimizer step
-and the end-of-epoch progress/TensorBoard update. Validation, checkpointing, test evaluation and setup are
+(the batches reach it through itertools.chain, in C: the clock adds no Python call to its steps). Validation, checkpointing, test evaluation and setup are
 outside the window. The bare loop's epoch is timed the same way. Also shown, not judged: the ratio of the main
 thread's CPU time (time.thread_time) over the same windows, which a busy machine disturbs far less than wall time;
 with --threads 1 it covers all the work. And an A/A control: a second bare loop, identical to the first, runs
@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import cProfile
 import io
+import itertools
 import math
 import pstats
 import tempfile
@@ -159,20 +160,27 @@ def instrument(engine, bare: BareLoop, pairs: list[dict[str, float]],
         before, after = (bare, control) if epoch % 2 == 1 else (control, bare)
         timed.clear()
         run(before)
-        steps = 0
         start_hook("engine")
         t0, c0 = time.perf_counter(), time.thread_time()
+        # the engine's own batches, chained in C (the clock adds no Python call to its steps) to a primed
+        # generator that finishes the epoch's record when the engine asks for the batch after the last, or when it
+        # drops the iterator after its last step (max_steps reached: still an epoch)
+        end = finish(epoch, start, t0, c0, after)
+        next(end)
+        return itertools.chain(original(epoch, seed, start, stop), end)
+
+    def finish(epoch: int, start: int, t0: float, c0: float, after: BareLoop | None):
         try:
-            for batch in original(epoch, seed, start, stop):
-                steps += 1
-                yield batch  # the engine runs its step here; we resume when it asks for the next batch
-        except GeneratorExit:  # the engine broke out after its last step (max_steps reached): still an epoch
-            pass
-        engine_s, engine_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
-        stop_hook("engine")
+            yield
+        finally:
+            engine_s, engine_cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+            stop_hook("engine")
+            record(epoch, engine.batch_in_epoch - start, engine_s, engine_cpu_s, after)
+
+    def record(epoch: int, steps: int, engine_s: float, engine_cpu_s: float, after: BareLoop | None) -> None:
         run(after)
         bare_s, bare_steps, bare_cpu_s = timed["bare"]
-        if steps != bare_steps:
+        if steps != bare_steps:  # (one step per batch: no gradient accumulation here)
             raise RuntimeError(f"engine ran {steps} steps, bare loop {bare_steps}: not comparable")
         pair = {"epoch": epoch, "steps": steps, "engine_s": engine_s, "bare_s": bare_s,
                 "engine_cpu_s": engine_cpu_s, "bare_cpu_s": bare_cpu_s}

@@ -192,12 +192,10 @@ class Dist:
             for tensor, value in zip(group, _unflatten_dense_tensors(flat, group)):
                 tensor.copy_(value)
 
-    def accumulating(self, model: "nn.Module", skip_sync: bool) -> Any:
+    def no_sync(self, model: "nn.Module") -> Any:
         """Around a micro-batch that does not step (gradient accumulation): DDP keeps its gradients local and
         all-reduces once, with the stepping micro-batch."""
-        if skip_sync and hasattr(model, "no_sync"):
-            return model.no_sync()
-        return _NO_CONTEXT
+        return model.no_sync() if hasattr(model, "no_sync") else _NO_CONTEXT
 
     # -- state: full single-file checkpoints under either strategy, or each rank's shards ---------------------------
     @property
@@ -297,7 +295,7 @@ class Dist:
 
         Between steps the vote runs asynchronously and is read one step later, so it never stalls training;
         `now` (the end of an epoch) waits for it."""
-        if not self.initialized:
+        if self.world == 1 or not self.initialized:  # (the first test spares a call: this runs every step)
             return received
         import torch
         import torch.distributed as td

@@ -28,6 +28,7 @@ from nnctl.interrupts import SignalFlag
 from nnctl.metrics import Averages, StepSums
 from nnctl.objectives import updates_in_turn
 from nnctl.optimization import Optimization, param_groups  # noqa: F401  (param_groups: public via the engine)
+from nnctl.precision import each_under
 from nnctl.loggers import Loggers, build_loggers, flat_params
 from nnctl.reporting import console, epoch_progress, print_metrics, write_json
 from nnctl.run_state import Tracker  # noqa: F401  (public via the engine)
@@ -83,7 +84,8 @@ class Engine:
         self._resolve_monitor()
         t = self.t
         self.scaler = self.precision.grad_scaler(self.device)
-        self.autocast = self.precision.autocast(self.device)  # re-entered by every training forward
+        # re-entered by every training forward; in float32 there is nothing to enter
+        self.autocast = None if self.precision.dtype is torch.float32 else self.precision.autocast(self.device)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.best = Tracker(t.checkpoint.monitor, t.checkpoint.mode, key="trainer.checkpoint.monitor")
         self.stopper = Tracker(t.early_stopping.monitor, t.early_stopping.mode, t.early_stopping.min_delta,
@@ -210,18 +212,19 @@ class Engine:
                     for i, batch in enumerate(self.data.train_batches(self.epoch, t.seed, self.batch_in_epoch,
                                                                       n_batches), start=self.batch_in_epoch):
                         # forward, scaled backward and (every grad_accum_steps batches) each group's update
-                        stepping = (i + 1) % accum == 0
-                        with self.dist.accumulating(self.model, not stepping):  # DDP: all-reduce when stepping
-                            grad_norm = self._train_batch(to_device(batch, self.device), accum, stepping)
-                        if not stepping:
+                        batch = to_device(batch, self.device)
+                        if (i + 1) % accum:  # a micro-batch that does not step: DDP all-reduces with the one that does
+                            with self.dist.no_sync(self.model):
+                                self._train_batch(batch, accum, stepping=False)
                             continue
+                        grad_norm = self._train_batch(batch, accum, stepping=True)
                         self.optim.after_step()
                         self.step, self.batch_in_epoch = self.step + 1, i + 1
                         if self.ema is not None and self.step % t.ema.every_n_steps == 0:
                             self.ema.update(self.net)
                         # periodic logging: the only place the loop waits for the device
                         if self.step % t.log_every_n_steps == 0:
-                            log_step(loggers, bar, task, window, self.dist.reduce(self.sums.totals()),
+                            log_step(loggers, bar, task, window, self.dist.reduce(self.sums.totals(means_only=True)),
                                      self.optimizer, grad_norm, self.step, self.batch_in_epoch)
                         # a pending SIGINT/SIGTERM ends the run here, between two steps, with last.pt saved
                         if (signum := self.dist.vote_stop(self.signals.received)) is not None:
@@ -262,18 +265,19 @@ class Engine:
         """Run the objective's updates for one batch; record its losses and sums for the epoch's running averages
         (kept on the device as they are: no op, no host sync). Returns the last update's gradient norm when
         clipping computed one."""
-        steps, losses, sums, grad_norm = self.objective.training_steps(self.model, batch), {}, None, None
+        losses, sums, grad_norm = {}, None, None
         # the gradient norm is measured on logging steps only (before the gradients are cleared)
         logging_step = stepping and (self.step + 1) % self.t.log_every_n_steps == 0
-        while True:
-            with self.autocast:  # the objective's forward runs inside next()
-                update = next(steps, None)
-            if update is None:
-                break
-            name, loss, stats = update
+        if self.autocast is None:
+            updates = self.objective.training_steps(self.model, batch)
+        else:  # every forward under autocast: in the call (one update), or as each is asked for (a generator)
+            with self.autocast:
+                updates = each_under(self.autocast, iter(self.objective.training_steps(self.model, batch)))
+        for name, loss, stats in updates:
             if self.t.l1:
                 loss = loss + self.t.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.ndim >= 2)
-            self.scaler.scale(loss / accum if accum > 1 else loss).backward()  # no extra node at accum 1
+            share = loss / accum if accum > 1 else loss  # no extra node at accum 1
+            (self.scaler.scale(share) if self.optim.scaling else share).backward()
             losses["loss" if name == "main" else f"loss_{name}"] = loss.detach()
             sums = stats if sums is None else {**sums, **stats}  # one update (the usual case): its dict as it is
             if stepping:

@@ -56,18 +56,22 @@ class StepSums:
     """The training epoch's sums: one value per step and statistic, read only when someone asks.
 
     `add` appends the step's tensors to a list: no device op and no host sync in the step loop (an in-place add per
-    statistic cost as much as the statistic itself on a small CPU model). `totals()` (logging steps, the epoch's end)
-    and `state_dict()` (checkpoints) first stack the waiting values into one buffer per statistic, weighted by the
-    step's sample count where they are means. A total is always the sum of that buffer: the same values in the same
-    order wherever the reads fell, so a run resumed mid-epoch (its checkpoint holds the buffers) reports bitwise the
-    same training metrics as one that never stopped.
+    statistic cost as much as the statistic itself on a small CPU model). `totals()` (the epoch's end) and
+    `state_dict()` (checkpoints) first stack the waiting values into one buffer per statistic, weighted by the
+    step's sample count where they are means; `totals(means_only=True)` (logging steps, which show the losses)
+    stacks the means only and leaves the statistics, a `Later` above all, waiting: computed once over many steps.
+    A total is always the sum of that buffer: the same values in the same order wherever the reads fell, so a run
+    resumed mid-epoch (its checkpoint holds the buffers) reports bitwise the same training metrics as one that
+    never stopped. A name is either a total or a mean, never both.
     """
 
     HELD_ELEMENTS = 1 << 22  # `Later` inputs held before they are reduced early (16 MiB of float32)
 
     def __init__(self, state: dict[str, torch.Tensor | int] | None = None) -> None:
-        self._waiting: list[tuple[int, dict[str, torch.Tensor | Later], dict[str, torch.Tensor] | None]] = []
-        self._held = 0  # elements of the waiting `Later` inputs
+        self._sums: list[dict[str, torch.Tensor | Later]] = []  # waiting totals, one dict per step
+        self._means: list[tuple[int, dict[str, torch.Tensor]]] = []  # waiting means with their step's sample count
+        self._room = 1  # waiting steps at which the elements held by their `Later` inputs are next measured
+        self._mean_names: set[str] = set()  # names stacked as means (what `totals(means_only=True)` returns)
         self._buffers: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (storage with room to grow, values used)
         self._n = 0
         for name, value in (state or {}).items():
@@ -80,47 +84,65 @@ class StepSums:
             means: dict[str, torch.Tensor] | None = None) -> None:
         """A step of `n` samples: `sums` are totals over its batch (e.g. correct predictions; a `Later` computes
         its total when read), `means` per-sample means (e.g. a mean loss), weighted by `n` when read."""
-        self._waiting.append((n, sums, means))
         self._n += n
-        for value in sums.values():
-            if type(value) is Later:
-                self._held += sum(t.numel() for t in value.inputs)
-        if self._held > self.HELD_ELEMENTS:  # bounded memory for long logging intervals or many classes
-            self._stack()
+        if means:
+            self._means.append((n, means))
+        if sums:
+            self._sums.append(sums)
+            if len(self._sums) >= self._room:  # bounded memory for long epochs or many classes
+                self._make_room()
 
-    def totals(self) -> Averages:
-        """The sums so far (and the sample count), as Averages: `means()` reads them to the host."""
-        self._stack()
-        return Averages({**{name: buf[:used].sum() for name, (buf, used) in self._buffers.items()}, "_n": self._n})
+    def _make_room(self) -> None:
+        """Reduce the waiting `Later` inputs once they hold more than HELD_ELEMENTS, and set how many waiting steps
+        to look again at (counted on every step, measured only here): as many more as fit at their size so far."""
+        held = sum(t.numel() for step in self._sums for value in step.values() if type(value) is Later
+                   for t in value.inputs)
+        per_step = max(1, held // len(self._sums))
+        if held > self.HELD_ELEMENTS:
+            self._stack()
+            held = 0
+        self._room = len(self._sums) + max(1, (self.HELD_ELEMENTS - held) // per_step)
+
+    def totals(self, means_only: bool = False) -> Averages:
+        """The sums so far (and the sample count), as Averages: `means()` reads them to the host. `means_only`:
+        the means' sums only (the losses, for the step log)."""
+        self._stack(means_only)
+        return Averages({**{name: buf[:used].sum() for name, (buf, used) in self._ordered(means_only)},
+                         "_n": self._n})
 
     def state_dict(self) -> dict[str, torch.Tensor | int]:
         """Every statistic's per-step values (copies of exactly the used part), and the sample count."""
         self._stack()
-        return {**{name: buf[:used].clone() for name, (buf, used) in self._buffers.items()}, "_n": self._n}
+        return {**{name: buf[:used].clone() for name, (buf, used) in self._ordered()}, "_n": self._n}
+
+    def _ordered(self, means_only: bool = False) -> list[tuple[str, tuple[torch.Tensor, int]]]:
+        """The buffers, totals before means (each in first-seen order), whatever order the reads made them in."""
+        totals = [] if means_only else [item for item in self._buffers.items() if item[0] not in self._mean_names]
+        return totals + [item for item in self._buffers.items() if item[0] in self._mean_names]
 
     @torch.no_grad()
-    def _stack(self) -> None:
-        waiting, self._waiting, self._held = self._waiting, [], 0
-        if not waiting:
-            return
-        names = dict.fromkeys(name for _, sums, means in waiting for name in (*sums, *(means or ())))
-        for name in names:
-            values, weights = [], []
-            for n, sums, means in waiting:
-                if name in sums:
-                    values.append(sums[name])
-                    weights.append(1)
-                elif means is not None and name in means:
-                    values.append(means[name])
-                    weights.append(n)
-            # float32 everywhere (MPS has no float64); counts stay exact up to 2**24 per epoch
-            stacked = (_later_totals(values) if type(values[0]) is Later
-                       else torch.stack(values).float())  # no_grad: no graph even from a loss that still has one
+    def _stack(self, means_only: bool = False) -> None:
+        means, self._means = self._means, []
+        for name in dict.fromkeys(name for _, step in means for name in step):
+            present = [(n, step[name]) for n, step in means if name in step]
+            weights = [n for n, _ in present]
+            # no_grad: no graph even from a loss that still has one; float32 everywhere (MPS has no float64)
+            stacked = torch.stack([value for _, value in present]).float()
             if len(set(weights)) == 1:
-                stacked = stacked if weights[0] == 1 else stacked * weights[0]
+                stacked = stacked * weights[0] if weights[0] != 1 else stacked
             else:  # the same float32 products as multiplying by each weight alone
                 stacked = stacked * torch.tensor(weights, dtype=torch.float32).to(stacked.device, non_blocking=True)
+            self._mean_names.add(name)
             self._append(name, stacked)
+        if means_only:
+            return
+        sums, self._sums = self._sums, []
+        for name in dict.fromkeys(name for step in sums for name in step):
+            if name in self._mean_names:
+                raise ValueError(f"training statistic {name!r} is both a total and a mean: name them apart")
+            values = [step[name] for step in sums if name in step]
+            # counts stay exact in float32 up to 2**24 per epoch
+            self._append(name, _later_totals(values) if type(values[0]) is Later else torch.stack(values).float())
 
     def _append(self, name: str, values: torch.Tensor) -> None:
         """Append to the buffer, doubling its storage when full: appending is O(new values), not O(epoch)."""

@@ -83,11 +83,14 @@ class Optimization:
                 self.schedules[name] = instantiate(cfg.scheduler)(
                     optimizer=self.optimizers[name], total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         self.params = [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
+        self.scaling = scaler.is_enabled()  # fp16 loss scaling (a disabled scaler would only pass calls through)
         self._bad_steps, self._last_finite = 0, float("nan")
         # Reading a loss on the host is free on the CPU, so there every loss is checked before its update. On a GPU
         # it would stall the queue every step: there the losses wait on the device and are read together, on
         # logging steps and before anything is saved (check_losses).
         self.deferred = device.type in BATCHED_LOSS_READS
+        # one process reads its loss itself (the guard reads one every CPU step: a Python call less)
+        self._read_loss = torch.Tensor.item if self.dist.world == 1 else self.dist.mean_loss
         self._unread: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read, oldest first
 
     @property
@@ -111,9 +114,13 @@ class Optimization:
             grad_norm = (nn.utils.clip_grad_norm_(params, self.t.grad_clip_norm) if self.t.grad_clip_norm is not None
                          else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             grad_norm = getattr(grad_norm, "full_tensor", lambda: grad_norm)()  # FSDP: the norm over all shards
-        self.scaler.step(opt)
-        self.scaler.update()
-        self.zero_grad()
+        if self.scaling:  # fp16: step unless the gradients overflowed, then adjust the scale
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        for each in self.optimizers.values():  # (zero_grad inline: a call less on every step)
+            each.zero_grad(set_to_none=True)
         return grad_norm
 
     def zero_grad(self) -> None:
@@ -136,11 +143,16 @@ class Optimization:
         wait on the device and are checked on logging steps, so a non-finite loss is caught within
         trainer.log_every_n_steps steps, and before every checkpoint (check_losses).
         """
-        if self.deferred and (step + 1) % self.t.log_every_n_steps:
-            self._unread.append((step, loss.detach()))
+        if self.deferred:
+            if (step + 1) % self.t.log_every_n_steps:
+                self._unread.append((step, loss.detach()))
+                return False
+            self.check_losses()  # the earlier steps' first, in order
+        value = self._read_loss(loss)  # the mean over ranks: every rank decides alike
+        if math.isfinite(value):  # the common case, on the hot path of every CPU step
+            self._bad_steps, self._last_finite = 0, value
             return False
-        self.check_losses()  # the earlier steps' first, in order
-        return not self._finite(self.dist.mean_loss(loss), step, applied=False)  # the mean over ranks: all alike
+        return not self._finite(value, step, applied=False)
 
     def check_losses(self) -> None:
         """Check the losses still waiting on the device (one transfer), in step order. Their updates have run: with
@@ -151,7 +163,7 @@ class Optimization:
         unread, self._unread = self._unread, []
         values = self.dist.mean_losses(torch.stack([loss for _, loss in unread]).float())
         for (step, _), value in zip(unread, values):
-            self._finite(value, step, applied=not self.scaler.is_enabled())
+            self._finite(value, step, applied=not self.scaling)
 
     def _finite(self, value: float, step: int, applied: bool) -> bool:
         """Count a loss read on the host; raise when the run must stop."""

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Iterator, TypeVar
 
 import torch
 
 from nnctl.errors import UserError
 
+T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -34,5 +35,16 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
     def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
-        # A disabled scaler is a no-op passthrough, so the loop calls it unconditionally.
+        # Disabled unless fp16: then it would only pass calls through, and the step goes around it (Optimization).
         return torch.amp.GradScaler(device.type, enabled=self.use_scaler)
+
+
+def each_under(context: ContextManager, steps: Iterator[T]) -> Iterator[T]:
+    """The items of `steps`, each produced inside `context` (autocast around an objective's forward pass) and
+    handed over outside it (the backward pass and the update run in the caller's precision)."""
+    while True:
+        with context:
+            item = next(steps, None)
+        if item is None:
+            return
+        yield item

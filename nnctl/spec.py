@@ -65,8 +65,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """Move a batch (tensor, tuple/list or dict of them) to `device`; tensors already there are passed through."""
     if isinstance(batch, torch.Tensor):
         return batch if batch.device == device else batch.to(device, non_blocking=True)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, (tuple, list)):  # (tensors already there are passed without a call: this runs every step)
+        return type(batch)([b if isinstance(b, torch.Tensor) and b.device == device else to_device(b, device)
+                            for b in batch])
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch

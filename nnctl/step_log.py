@@ -34,6 +34,8 @@ def log_step(tb: Any, bar: Any, task: Any, window: Window, sums: Averages, optim
     if grad_norm is not None:  # None when the update was skipped (a non-finite loss)
         scalars["train/grad_norm"] = float(grad_norm)
     tb.scalars(scalars, step)
+    if bar.disable:  # no bar on the screen (progress off, a log file, a quiet console): nothing to draw
+        return
     shown = "  ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in running.items() if k.startswith("train/loss"))
     bar.update(task, completed=batch_in_epoch,
                stats=f"{shown}  lr {scalars['lr']:.2e}  {samples_per_s:,.0f} samples/s")

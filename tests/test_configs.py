@@ -354,6 +354,24 @@ def test_every_precision_option_autocasts_on_cpu(option: str) -> None:
     assert scaler.is_enabled() == (option == "fp16")  # loss scaling only for fp16
 
 
+def test_each_under_autocasts_the_forwards_only() -> None:
+    """The engine takes an objective's updates through each_under: each forward runs under autocast, the
+    backward and the update that follow it do not."""
+    from nnctl.precision import each_under
+
+    seen = []
+
+    def updates():  # as an objective's training_steps: the forward runs when the next update is asked for
+        for name in ("discriminator", "generator"):
+            seen.append((name, torch.is_autocast_enabled("cpu")))
+            yield name
+
+    for name in each_under(torch.autocast("cpu", dtype=torch.bfloat16), updates()):
+        seen.append((f"after {name}", torch.is_autocast_enabled("cpu")))
+    assert seen == [("discriminator", True), ("after discriminator", False), ("generator", True),
+                    ("after generator", False)]
+
+
 def test_adapter_options_return_a_trainable_model() -> None:
     for option in GROUPS["adapter"]:
         cfg = compose_train(f"adapter={option}", "model=mlp", "model.hidden_sizes=[8]")

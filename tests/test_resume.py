@@ -96,8 +96,9 @@ def test_signal_saves_mid_epoch_and_resume_is_bitwise_identical(signum: int, ext
 
 
 def test_epoch_sums_are_the_same_wherever_they_are_read_or_saved() -> None:
-    """Training sums are kept per step and summed when read: reads at any steps, and a checkpoint at any step
-    loaded into a fresh run, give bitwise the same totals (what makes train metrics survive a mid-epoch stop)."""
+    """Training sums are kept per step and summed when read: reads at any steps (of everything, or of the losses
+    only), and a checkpoint at any step loaded into a fresh run, give bitwise the same totals, in the same order
+    (what makes train metrics survive a mid-epoch stop)."""
     import io
 
     from nnctl.metrics import Averages, Later, StepSums
@@ -121,8 +122,11 @@ def test_epoch_sums_are_the_same_wherever_they_are_read_or_saved() -> None:
                 sums = StepSums(torch.load(buffer, weights_only=True))
                 sums.HELD_ELEMENTS = held
             sums.add(*step)
-            if i in reads:
-                sums.totals().means()
+            waiting = sum(t.numel() for s in sums._sums for v in s.values() if isinstance(v, Later) for t in v.inputs)
+            assert waiting <= 2 * held  # the waiting inputs are reduced early: memory stays bounded
+            if i in reads:  # the step log reads the losses only, leaving the statistics waiting
+                assert set(sums.totals(means_only=i % 2 == 0).means()) == ({"loss"} if i % 2 == 0 else
+                                                                             {"acc", "hits", "loss"})
         return sums.totals()
 
     straight = totals(reads=set())
@@ -131,6 +135,7 @@ def test_epoch_sums_are_the_same_wherever_they_are_read_or_saved() -> None:
                                   (set(), None, 1000)]:  # a small `held` reduces the waiting `Later`s early
         other = totals(reads, saved_at, held)
         assert other.sums["_n"] == straight.sums["_n"] == sum(n for n, _, _ in steps)
+        assert list(other.sums) == list(straight.sums) == ["acc", "hits", "loss", "_n"]
         for name in ("acc", "hits", "loss"):
             assert torch.equal(other.sums[name], straight.sums[name]), name
     assert int(straight.sums["acc"]) == sum(int(s["acc"]) for _, s, _ in steps)  # counts stay exact
@@ -146,6 +151,10 @@ def test_epoch_sums_are_the_same_wherever_they_are_read_or_saved() -> None:
     continued.add(*steps[0])
     expected = (float(one_by_one.sums["loss"]) + n * float(means["loss"])) / (one_by_one.sums["_n"] + n)
     assert continued.totals().means()["loss"] == pytest.approx(expected)
+    clash = StepSums()  # a name both summed and averaged would interleave two kinds of value in one buffer
+    clash.add(1, {"loss": torch.tensor(1.0)}, {"loss": torch.tensor(2.0)})
+    with pytest.raises(ValueError, match="both a total and a mean"):
+        clash.totals()
 
 
 def test_resume_extends_a_finished_run_and_auto_finds_it(straight: Path, tmp_path: Path,

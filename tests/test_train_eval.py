@@ -232,6 +232,23 @@ def test_reduced_precision_trains_on_cpu(precision: str, cli: Callable[..., int]
     assert all(math.isfinite(v) for v in scalars(run, "train/loss"))
 
 
+def test_gradient_accumulation_trains_like_one_large_batch(cli: Callable[..., int], tmp_path: Path) -> None:
+    """Two micro-batches of 32 per update and one batch of 64 see the same samples (consecutive blocks of the same
+    shuffle) and average the same gradient (SGD: its scale matters too): the weights end alike."""
+    plain = ["model=mlp", "model.hidden_sizes=[32]", "model.batch_norm=false", "model.dropout=0",
+             "optimizer=sgd", "trainer.progress=false", "trainer.device=cpu", "data=digits", "trainer.max_epochs=1"]
+    weights, steps = {}, {}
+    for name, args in {"accumulated": ["data.batch_size=32", "trainer.grad_accum_steps=2"],
+                       "large": ["data.batch_size=64"]}.items():
+        assert cli("train", *plain, *args, f"hydra.run.dir={tmp_path / name}") == 0
+        state = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
+        weights[name], steps[name] = state["model"], state["global_step"]
+    assert steps["accumulated"] == steps["large"] == 20  # digits' 1,294 training images: 20 updates of 64
+    assert weights["accumulated"].keys() == weights["large"].keys()
+    for key, value in weights["large"].items():
+        torch.testing.assert_close(weights["accumulated"][key], value, rtol=1e-4, atol=1e-5)
+
+
 SCHEDULERS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "scheduler").glob("*.yaml"))
 
 

@@ -170,20 +170,8 @@ class ImageData:
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(_mix(seed, epoch)))
         order = self._mine(order[: n_batches * self.batch_size].view(n_batches, self.batch_size)[start:stop])
         if self.overfit_batches or not (self.crop_padding > 0 or self.hflip):
-            yield from self._plain_batches("train", order)
-            return
-        # One draw per position in the epoch, from one (seed, epoch) generator: a sample's augmentation does not
-        # depend on how the batch is split over processes, nor on where a resumed run starts.
-        gen = torch.Generator(device=self.device).manual_seed(_mix(seed, epoch))
-        draws = draw_crop_flip(n_batches * self.batch_size, self.crop_padding, self.hflip, gen, self.device)
-        positions = self._mine(torch.arange(n_batches * self.batch_size, device=self.device)
-                               .view(n_batches, self.batch_size)[start:stop])  # [batches, B / world]
-        # resident: the split is padded (and normalized, when it fits) once; streamed: each batch is padded here
-        x, normalized = self._prepared("train", self.crop_padding) if self.resident else (x, False)
-        for pos, (xb, yb) in zip(positions, self._batches(x, y, order)):
-            dy, dx, flip = (d if d is None else d[pos] for d in draws)
-            xb = apply_crop_flip(xb, self.crop_padding, dy, dx, flip, padded=self.resident)
-            yield (xb if normalized else self.normalize(xb)).contiguous(memory_format=self.memory_format), yb
+            return self._plain_batches("train", order)
+        return self._augmented_batches(order, _mix(seed, epoch), start, stop)
 
     def eval_batches(self, split: str, stop: int | None = None) -> Iterator[Batch]:
         """Normalized, unaugmented batches of `split` ('val' or 'test') in order; with `shard`, this process's
@@ -191,7 +179,7 @@ class ImageData:
         order = torch.arange(len(self.splits[split][1])).split(self.eval_batch_size)[:stop]
         if self.world > 1:
             order = [idx.tensor_split(self.world)[self.rank] for idx in order]
-        yield from self._plain_batches(split, order)
+        return self._plain_batches(split, order)
 
     # -- internals ------------------------------------------------------------------------------------------------
     def _mine(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -205,7 +193,27 @@ class ImageData:
         """Unaugmented batches: slices of the split normalized once when it allows, else normalized per batch."""
         x, y = self.splits[split]
         x, normalized = self._prepared(split, 0) if self.resident else (x, False)
-        for xb, yb in self._batches(x, y, order):
+        batches = self._batches(x, y, order)
+        if normalized and self.memory_format is torch.contiguous_format:
+            return batches  # rows gathered from a contiguous tensor: already normalized and contiguous, as they come
+        return (((xb if normalized else self.normalize(xb)).contiguous(memory_format=self.memory_format), yb)
+                for xb, yb in batches)
+
+    def _augmented_batches(self, order: torch.Tensor, seed: int, start: int, stop: int) -> Iterator[Batch]:
+        """Training batches [start, stop) in `order` [batches, B / world], randomly cropped and flipped."""
+        x, y = self.splits["train"]
+        n_batches = self.num_batches("train")
+        # One draw per position in the epoch, from one (seed, epoch) generator: a sample's augmentation does not
+        # depend on how the batch is split over processes, nor on where a resumed run starts.
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        draws = draw_crop_flip(n_batches * self.batch_size, self.crop_padding, self.hflip, gen, self.device)
+        positions = self._mine(torch.arange(n_batches * self.batch_size, device=self.device)
+                               .view(n_batches, self.batch_size)[start:stop])  # [batches, B / world]
+        # resident: the split is padded (and normalized, when it fits) once; streamed: each batch is padded here
+        x, normalized = self._prepared("train", self.crop_padding) if self.resident else (x, False)
+        for pos, (xb, yb) in zip(positions, self._batches(x, y, order)):
+            dy, dx, flip = (d if d is None else d[pos] for d in draws)
+            xb = apply_crop_flip(xb, self.crop_padding, dy, dx, flip, padded=self.resident)
             yield (xb if normalized else self.normalize(xb)).contiguous(memory_format=self.memory_format), yb
 
     def _prepared(self, split: str, padding: int) -> tuple[torch.Tensor, bool]:
@@ -221,16 +229,21 @@ class ImageData:
         return self._ready[split, padding]
 
     def _batches(self, x, y, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        """(x[idx], y[idx]) for each index block `idx` of `order`."""
         if self.resident:
-            for idx in order:  # index slices of the resident tensor: no copies through Python
-                if idx.device != x.device:  # resident on a GPU: the index goes there (on the CPU: no extra op)
-                    idx = idx.to(x.device, non_blocking=True)
-                yield x[idx], y[idx]
-            return
-        # DataLoader path: workers decode images in parallel; the batch blocks are exactly `order`, so batch
-        # order and contents match the resident path.
+            # the indices go where the split lives, up front (resident on a GPU; on the CPU `to` is a no-op):
+            # the epoch's blocks [batches, B] in one transfer, evaluation's unequal blocks one by one
+            order = (order.to(x.device, non_blocking=True) if isinstance(order, torch.Tensor)
+                     else [idx.to(x.device, non_blocking=True) for idx in order])
+            # slices of the resident tensors, gathered in C as the loop asks: no Python frame per batch
+            return zip(map(x.__getitem__, order), map(y.__getitem__, order))
+        return self._streamed(x, y, order)
+
+    def _streamed(self, dataset: Dataset, y: torch.Tensor, order: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        """DataLoader path: workers decode images in parallel; the batch blocks are exactly `order`, so batch
+        order and contents match the resident path."""
         blocks = [idx.tolist() for idx in order]
-        loader = DataLoader(x, batch_sampler=blocks, num_workers=self.num_workers,
+        loader = DataLoader(dataset, batch_sampler=blocks, num_workers=self.num_workers,
                             pin_memory=self.device.type == "cuda")
         try:
             for xb, idx in zip(loader, order):

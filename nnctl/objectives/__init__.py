@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -36,11 +36,13 @@ class Objective:
         engine averages the sums per sample (so `acc` is returned as a count of correct predictions)."""
         raise NotImplementedError
 
-    def training_steps(self, model: nn.Module, batch: Batch) -> Iterator[Step]:
-        """The updates of one batch, in order: yields (group, loss, sums); the engine runs backward and steps that
-        group's optimizer before asking for the next one. One group by default."""
+    def training_steps(self, model: nn.Module, batch: Batch) -> Iterable[Step]:
+        """The updates of one batch, in order: (group, loss, sums) each; the engine runs backward and steps that
+        group's optimizer before taking the next one. One group by default, computed in this call; an objective
+        with several (a GAN's) yields them from a generator, so that each forward pass runs after the previous
+        update. The engine calls this, and asks for each next update, under autocast when it is on."""
         loss, sums = self.training_step(model, batch)
-        yield "main", loss, sums
+        return (("main", loss, sums),)
 
     def optimizer_groups(self, net: nn.Module) -> dict[str, list[nn.Parameter]]:
         """Parameters per optimizer, in update order. One optimizer over every trainable parameter by default."""
