@@ -16,10 +16,10 @@ optimizer, learning-rate schedule and number of steps):
 What is timed: only the training iterations of each epoch. The engine is instrumented from outside (its
 `data.train_batches` is wrapped, nnctl is not modified): the clock starts when the engine asks for the first
 batch of an epoch and stops when it asks for the batch after the last one, i.e. after the last optimizer step
-(the batches reach it through itertools.chain, in C: the clock adds no Python call to its steps). Validation, checkpointing, test evaluation and setup are
-outside the window. The bare loop's epoch is timed the same way. Also shown, not judged: the ratio of the main
-thread's CPU time (time.thread_time) over the same windows, which a busy machine disturbs far less than wall time;
-with --threads 1 it covers all the work. And an A/A control: a second bare loop, identical to the first, runs
+(the batches reach it through itertools.chain, in C: the clock adds no Python call to its steps). Validation,
+checkpointing, test evaluation and setup are outside the window. The bare loop's epoch is timed the same way.
+Also shown, not judged: the ratio of the main thread's CPU time (time.thread_time) over the same windows, which a
+busy machine disturbs far less than wall time; with --threads 1 it covers all the work. And an A/A control: a second bare loop, identical to the first, runs
 next to them every epoch (odd epochs: bare, engine, copy; even epochs: copy, engine, bare); the median of
 copy/bare is the noise floor of this harness on this machine (1.00 on a quiet one). An engine/bare ratio within
 that distance of 1.00 cannot be told apart from no overhead.

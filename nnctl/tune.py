@@ -260,7 +260,6 @@ def run_trial(trial: Any, search: DictConfig, fixed: list[str], space: dict[str,
         reporter.record(trial, engine.t.max_epochs)
         trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log.info("trial %d %s", trial.number, exc)
-        return
     except KeyboardInterrupt:  # Interrupted (last.pt saved), or a signal that came before training started
         trial.set_user_attr("interrupted", True)
         trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -274,8 +273,11 @@ def run_trial(trial: Any, search: DictConfig, fixed: list[str], space: dict[str,
         trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         log.error("trial %d failed: %s", trial.number, message)
         return
-    reporter.record(trial, engine.t.max_epochs)
-    trial.study.tell(trial, reporter.best)
+    else:
+        reporter.record(trial, engine.t.max_epochs)
+        trial.study.tell(trial, reporter.best)
+    if engine.signals.received is not None:  # came after the trial's last look (it was pruned, or finished)
+        raise KeyboardInterrupt  # the trial is recorded as it ended; the study stops here, as asked
 
 
 # -- the study ------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -147,8 +147,9 @@ def _nnctl(*args: str, cwd: Path) -> subprocess.Popen:
 def test_tune_resumes_after_an_interrupt_without_repeating_finished_trials(tmp_path: Path) -> None:
     study = tmp_path / "study"
     args = tune_args(study, 4)
-    proc = _nnctl("tune", *[a for a in args if not a.startswith("search.overrides")],
-                  "search.overrides=['trainer.max_epochs=2','trainer.limit_train_batches=40']", cwd=tmp_path)
+    # batches of 8, all of them: trials long enough (~0.2 s an epoch) for the signal to land inside trial 1
+    proc = _nnctl("tune", *[a for a in args if not a.startswith(("search.overrides", "trainer.limit_train_batches"))],
+                  "search.overrides=['trainer.max_epochs=2','data.batch_size=8']", cwd=tmp_path)
     deadline = time.monotonic() + 120
     while not (study / "trials" / "1" / "tensorboard").is_dir() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -165,6 +166,25 @@ def test_tune_resumes_after_an_interrupt_without_repeating_finished_trials(tmp_p
     assert sum(s in ("COMPLETE", "PRUNED") for s in states) == 4
     for name, mtime in finished.items():  # finished trials were not run again
         assert (study / "trials" / name / "metrics.json").stat().st_mtime_ns == mtime
+
+
+def test_a_signal_during_a_trial_that_is_then_pruned_still_stops_the_study(cli: Callable[..., int], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGINT read by the engine's handler after the trial's last step but before its epoch's pruning: the trial ends
+    as pruned, and the study stops there instead of going on with the next trial."""
+    from nnctl import tune
+
+    prune = tune.Reporter.__call__
+
+    def signal_then_prune(self: tune.Reporter, engine: Any, metrics: dict[str, float]) -> None:
+        if engine.epoch == 1 and self.trial.number == 1:
+            engine.signals.received = signal.SIGINT  # what the handler records when Ctrl-C comes during validation
+        prune(self, engine, metrics)
+
+    monkeypatch.setattr(tune.Reporter, "__call__", signal_then_prune)
+    study = tmp_path / "study"
+    assert cli("tune", *tune_args(study, 4)) == 130
+    assert trial_states(study) == ["COMPLETE", "PRUNED"]  # trials 2 and 3 never started
 
 
 def test_two_processes_share_one_study(tmp_path: Path) -> None:
