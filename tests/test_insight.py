@@ -193,7 +193,9 @@ def test_two_processes_share_one_study(tmp_path: Path) -> None:
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     states = trial_states(study)
-    assert len(states) == 4 and states.count("COMPLETE") >= 1 and states.count("PRUNED") >= 1, states
+    # which trials the median pruner stops depends on which trials the other process has finished by then: the
+    # pruning itself is tested in one process (above)
+    assert len(states) == 4 and set(states) <= {"COMPLETE", "PRUNED"} and "COMPLETE" in states, states
     assert sorted(p.name for p in (study / "trials").iterdir()) == ["0", "1", "2", "3"]
     assert all("trial" in o or "run dir" in o for o in outs)
 
