@@ -89,7 +89,7 @@ def targets(spec: Any, labels: torch.Tensor, predicted: torch.Tensor, num_classe
     """The class each map explains: the prediction, the true label, or one class index for all images."""
     if spec == "predicted":
         return predicted
-    if spec == "true":
+    if spec == "true" or spec is True:  # `target=true` on the command line arrives as YAML's boolean
         return labels
     if isinstance(spec, int) and not isinstance(spec, bool) and 0 <= spec < num_classes:
         return torch.full_like(labels, spec)

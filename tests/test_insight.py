@@ -279,3 +279,12 @@ def test_explain_maps_concentrate_on_the_digit(method: str, ratio: float, digits
     inside = torch.stack([(m * k).sum() / k.sum() for m, k in zip(maps, ink)])
     outside = torch.stack([(m * ~k).sum() / (~k).sum() for m, k in zip(maps, ink)])
     assert (inside / outside.clamp(min=1e-12)).median() > ratio
+
+
+def test_explain_target_true_as_the_readme_writes_it_explains_the_labels(digits_run: Path, cli: Callable[..., int],
+                                                                        tmp_path: Path) -> None:
+    out_dir = tmp_path / "ex"  # `target=true` reaches the config as a boolean, not the string "true"
+    assert cli("explain", f"ckpt={digits_run}", "method=saliency", "num_images=8", "target=true",
+               f"hydra.run.dir={out_dir}") == 0
+    saved = torch.load(out_dir / "attributions.pt", weights_only=True)
+    assert torch.equal(saved["target"], saved["labels"])
